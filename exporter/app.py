@@ -1,0 +1,257 @@
+"""Wiring: the proxy listener, the metrics server, the OTLP receiver and the collectors.
+
+:class:`Sidecar` takes everything it needs (settings, registry, tracer provider, clock) so
+tests run it in-process on port 0 with fresh ones; :func:`run` is what ``llm-exporter serve``
+calls and is the only place that builds the process-wide defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+from wsgiref.simple_server import WSGIRequestHandler
+
+from aiohttp import web
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, make_server
+
+from exporter import labels
+from exporter.instrument import Instrumentation
+from exporter.metrics import SidecarMetrics
+from exporter.otlp_receiver import EngineSpanStore, build_receiver_app
+from exporter.proxy import Proxy
+from exporter.settings import Settings, SettingsError
+from exporter.state import ProxyState
+from exporter.timeline import Clock
+from exporter.tracing import RequestTracer, provider_from_env
+
+log = logging.getLogger(__name__)
+
+
+def slo_thresholds(settings: Settings) -> dict[str, float]:
+    """Latency SLO thresholds in seconds: the SLO file's when given, else the --slo-* flags."""
+    if settings.slo:
+        from exporter import slo
+
+        try:
+            return dict(slo.load(settings.slo).thresholds())
+        except (OSError, ValueError) as e:
+            raise SettingsError(f"--slo {settings.slo}: {e}") from e
+    return {"ttft": settings.slo_ttft, "tpot": settings.slo_tpot, "e2e": settings.slo_e2e}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer:
+    """``/metrics`` (text or OpenMetrics with exemplars, by the scraper's Accept header),
+    ``/healthz`` and ``/readyz``, in a thread so a slow collector never stalls the relay."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int,
+                 ready: Callable[[], tuple[bool, str]]) -> None:
+        metrics = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "/")
+            if path == "/healthz":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return [b"ok\n"]
+            if path == "/readyz":
+                ok, why = ready()
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain")])
+                return [why.encode() + b"\n"]
+            if path in ("/metrics", "/"):
+                return metrics(environ, start_response)  # type: ignore[no-any-return]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: try /metrics, /healthz or /readyz\n"]
+
+        self._server = make_server(host, port, app, ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self.port: int = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        name="llm-exporter-metrics")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class UpstreamProbe:
+    """Readiness: the upstream accepts TCP connections (checked at most every 2 s)."""
+
+    def __init__(self, url: str, clock: Clock = time.monotonic) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._clock = clock
+        self._last = (-1e9, False, "")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[bool, str]:
+        with self._lock:
+            t, ok, why = self._last
+            if self._clock() - t < 2.0:
+                return ok, why
+            try:
+                socket.create_connection((self.host, self.port), timeout=1.0).close()
+                ok, why = True, f"upstream {self.host}:{self.port} reachable"
+            except OSError as e:
+                ok, why = False, f"upstream {self.host}:{self.port} unreachable: {e}"
+            self._last = (self._clock(), ok, why)
+            return ok, why
+
+
+class Sidecar:
+    def __init__(self, settings: Settings, registry: CollectorRegistry,
+                 tracer_provider: trace.TracerProvider, *, clock: Clock = time.perf_counter,
+                 state: ProxyState | None = None, collectors: bool = True) -> None:
+        if not settings.upstream:
+            raise SettingsError("no upstream: start the embedded engine first (see run())")
+        self.settings = settings
+        self.registry = registry
+        self.state = state or ProxyState()
+        self.metrics = SidecarMetrics(registry, settings, self.state, slo_thresholds(settings))
+        tokens = None
+        if settings.tokenizer:
+            from exporter import tokens as tokens_mod
+
+            try:
+                tokens = tokens_mod.load(settings.tokenizer)
+            except (OSError, ValueError) as e:
+                raise SettingsError(f"--tokenizer {settings.tokenizer}: {e}") from e
+        self.spans = EngineSpanStore() if settings.otlp_receiver_port else None
+        self.instrumentation = Instrumentation(
+            self.metrics, RequestTracer(tracer_provider, settings.capture_content),
+            labels.ModelLabels(settings.max_models), tokens, self.spans,
+            settings.engine_span_wait)
+        self.proxy = Proxy(settings, self.instrumentation, self.state, clock=clock)
+        self._probe = UpstreamProbe(settings.upstream)
+        self._started = False
+        self._runners: list[web.BaseRunner] = []
+        self._metrics_server: MetricsServer | None = None
+        self.port = 0
+        self.receiver_port = 0
+        if collectors:
+            self._register_collectors()
+
+    def _register_collectors(self) -> None:
+        try:
+            from exporter.collectors import register_collectors
+        except ImportError as e:  # pragma: no cover - the package ships them
+            log.warning("collectors unavailable: %s", e)
+            return
+        register_collectors(self.registry, self.settings, self.state,
+                            on_error=lambda where: self.metrics.instrumentation_error(where))
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "starting"
+        return self._probe()
+
+    @property
+    def metrics_port(self) -> int:
+        return self._metrics_server.port if self._metrics_server else 0
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.proxy.start()
+        server = web.Server(self.proxy.handle, handler_cancellation=True)
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, s.host, s.port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        self.port = _bound_port(runner)
+        if self.spans is not None:
+            app = build_receiver_app(self.spans, on_error=lambda kind: self.metrics.error(
+                "instrumentation"))
+            rrunner = web.AppRunner(app, handle_signals=False, access_log=None)
+            await rrunner.setup()
+            await web.TCPSite(rrunner, s.host, s.otlp_receiver_port).start()
+            self._runners.append(rrunner)
+            self.receiver_port = _bound_port(rrunner)
+        self._metrics_server = MetricsServer(self.registry, s.metrics_host, s.metrics_port,
+                                             self.ready)
+        self._metrics_server.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        await self.instrumentation.close()
+        await self.proxy.close()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            return int(addr[1])
+    return 0
+
+
+def run(settings: Settings) -> int:
+    """``llm-exporter serve``: start (the embedded engine and) the sidecar until a signal."""
+    engine = None
+    state = ProxyState()
+    if not settings.upstream:
+        from exporter.engine.launch import start_engine
+
+        log.info("no --upstream: starting the embedded engine")
+        engine = start_engine(settings.model, "127.0.0.1", settings.engine_port,
+                              settings.max_batch, settings.engine_max_queue, settings.device)
+        settings = settings.replace(upstream=engine.url)
+        state.engine_pid, state.engine = engine.pid, "embedded"
+    elif settings.engine_pid:
+        state.engine_pid = settings.engine_pid
+    runner: Callable[[Any], int] = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    try:
+        return runner(_serve(settings, state))
+    finally:
+        if engine is not None:
+            engine.stop()
+
+
+async def _serve(settings: Settings, state: ProxyState) -> int:
+    provider = provider_from_env(os.environ)
+    sidecar = Sidecar(settings, CollectorRegistry(), provider, state=state)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    log.info("proxy on http://%s:%d -> %s; metrics on http://%s:%d/metrics",
+             settings.host, sidecar.port, settings.upstream, settings.metrics_host,
+             sidecar.metrics_port)
+    if sidecar.receiver_port:
+        log.info("OTLP receiver for engine spans on http://127.0.0.1:%d/v1/traces",
+                 sidecar.receiver_port)
+    await stop.wait()
+    log.info("shutting down")
+    await sidecar.stop()
+    provider.shutdown()
+    return 0

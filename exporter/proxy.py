@@ -1,0 +1,397 @@
+"""The transparent relay. Every path and method goes upstream; the status, end-to-end headers
+and body the client receives are the upstream's, byte for byte, streamed as they arrive.
+
+For the two LLM routes the relay also fills a :class:`~exporter.timeline.Timeline` and hands
+the finished request to ``finish`` (metrics, spans): one cleanup path for success, upstream
+failure and client disconnect alike. Instrumentation never breaks the data path: every step
+that only measures is guarded, counted and logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from exporter.labels import OPERATIONS
+from exporter.settings import Settings
+from exporter.sse import StreamScanner
+from exporter.state import ProxyState
+from exporter.timeline import Clock, Timeline
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+    "Transfer-Encoding", "Upgrade", "Proxy-Connection"))
+_CHUNK = 64 * 1024
+
+
+class RelayResponse(web.StreamResponse):
+    """A StreamResponse that adds nothing of its own: aiohttp would add ``Server``, ``Date``
+    and ``Content-Type`` when the upstream sent none."""
+
+    def __init__(self, *, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self._absent = [h for h in (hdrs.SERVER, hdrs.DATE, hdrs.CONTENT_TYPE) if h not in headers]
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for h in self._absent:
+            self._headers.popall(h, None)
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One LLM request as the relay saw it: what ``finish`` turns into metrics and spans."""
+
+    operation: str
+    timeline: Timeline
+    wall_ns_at_arrival: int
+    headers: CIMultiDictProxy[str]
+    body: dict[str, Any] | None = None
+    model: Any = None
+    stream: bool = False
+    injected_usage: bool = False
+    status: int | None = None
+    upstream_headers: CIMultiDictProxy[str] | None = None
+    scanner: StreamScanner | None = None
+    # Copy of the response body (non-streaming, or streams kept for a tokenizer), bounded.
+    captured: list[bytes] = field(default_factory=list)
+    captured_bytes: int = 0
+    capture_overflow: bool = False
+    error: str | None = None  # errors_total type, or None
+    cancelled: bool = False
+    span: Any = None
+
+    def capture(self, data: bytes, limit: int) -> None:
+        if self.capture_overflow:
+            return
+        self.captured_bytes += len(data)
+        if self.captured_bytes > limit:
+            self.capture_overflow = True
+            self.captured.clear()
+        else:
+            self.captured.append(data)
+
+
+class Hooks:
+    """What the relay calls to measure; the app wires it to metrics and tracing."""
+
+    def started(self, ex: Exchange) -> dict[str, str]:
+        """Called once the request body is known; returns headers to add upstream."""
+        return {}
+
+    def finished(self, ex: Exchange) -> None: ...
+
+    def error(self, kind: str) -> None: ...
+
+    def instrumentation_error(self, where: str, exc: BaseException) -> None: ...
+
+    def wants_capture(self, ex: Exchange) -> bool:
+        return False
+
+
+def openai_error(status: int, message: str, kind: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _forward_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    conn = {t.strip().lower() for v in headers.getall(hdrs.CONNECTION, [])
+            for t in v.split(",")}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk in HOP_BY_HOP or lk in conn or lk in drop:
+            continue
+        out.add(k, v)
+    return out
+
+
+_REQUEST_DROP = frozenset({"host", "content-length"})
+_RESPONSE_DROP: frozenset[str] = frozenset()
+
+
+class Proxy:
+    def __init__(self, settings: Settings, hooks: Hooks, state: ProxyState,
+                 clock: Clock = time.perf_counter,
+                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.state = state
+        self.clock = clock
+        self.wall_ns = wall_ns
+        self.base = settings.upstream.rstrip("/")
+        self._sem = (asyncio.Semaphore(settings.max_concurrency)
+                     if settings.max_concurrency > 0 else None)
+        self._session: aiohttp.ClientSession | None = None
+        self._inject_usage = settings.inject_usage
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.settings.connect_timeout or None,
+            sock_read=self.settings.upstream_timeout or None)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=False),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT,
+                               hdrs.CONTENT_TYPE))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Proxy.start() was not awaited"
+        return self._session
+
+    def upstream_url(self, request: web.Request) -> URL:
+        return URL(self.base + request.raw_path, encoded=True)
+
+    # --- request bodies -------------------------------------------------------------------
+    async def _read_body(self, request: web.Request) -> tuple[bytes | None,
+                                                              AsyncIterator[bytes] | None]:
+        """The whole body when it is within the parse limit, else a stream of it (untouched)."""
+        if not request.body_exists:
+            return b"", None
+        limit = self.settings.parse_limit
+        length = request.content_length
+        if length is not None and length <= limit:
+            return await request.content.read(), None
+        if length is not None:
+            return None, request.content.iter_chunked(_CHUNK)
+        buf = bytearray()
+        while len(buf) <= limit:
+            chunk = await request.content.readany()
+            if not chunk:
+                return bytes(buf), None
+            buf += chunk
+        return None, _chain(bytes(buf), request.content)
+
+    # --- entry point ------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        operation = OPERATIONS.get(request.path) if request.method == hdrs.METH_POST else None
+        if operation is None:
+            return await self._passthrough(request)
+        return await self._llm(request, operation)
+
+    async def _passthrough(self, request: web.Request) -> web.StreamResponse:
+        body, body_stream = await self._read_body(request)
+        headers = _forward_headers(request.headers, _REQUEST_DROP)
+        if body_stream is not None and request.content_length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
+        try:
+            up = await self.session.request(
+                request.method, self.upstream_url(request), headers=headers,
+                data=body_stream if body_stream is not None else (body or None),
+                allow_redirects=False)
+        except Exception as e:
+            return self._upstream_failure(e)
+        try:
+            resp = await self._prepare(request, up)
+            async for data in up.content.iter_any():
+                await resp.write(data)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError):
+            up.close()
+            _abort(request)
+            return web.Response(status=499)
+        finally:
+            up.release()
+        await resp.write_eof()
+        return resp
+
+    def _upstream_failure(self, e: BaseException) -> web.Response:
+        if isinstance(e, aiohttp.ServerTimeoutError | TimeoutError):
+            self.hooks.error("upstream_timeout")
+            return openai_error(504, f"upstream {self.base} did not answer within "
+                                f"{self.settings.upstream_timeout:g} s", "upstream_timeout")
+        self.hooks.error("upstream_connect")
+        log.warning("upstream %s unreachable: %s", self.base, e)
+        return openai_error(502, f"upstream {self.base} unreachable: {e}", "upstream_unreachable")
+
+    async def _prepare(self, request: web.Request, up: aiohttp.ClientResponse) -> RelayResponse:
+        resp = RelayResponse(status=up.status, reason=up.reason,
+                             headers=_forward_headers(up.headers, _RESPONSE_DROP))
+        await resp.prepare(request)
+        return resp
+
+    # --- LLM routes -------------------------------------------------------------------------
+    async def _llm(self, request: web.Request, operation: str) -> web.StreamResponse:
+        ex = Exchange(operation, Timeline(self.clock()), self.wall_ns(), request.headers)
+        body, body_stream = await self._read_body(request)
+        send: bytes | AsyncIterator[bytes] | None = body_stream
+        if body is not None:
+            send = body
+            self._parse_request(ex, body)
+            if ex.injected_usage and ex.body is not None:
+                send = _with_usage(ex.body)
+        extra = self._guard("started", self.hooks.started, ex) or {}
+        headers = _forward_headers(request.headers, _REQUEST_DROP)
+        for k in extra:
+            headers.popall(k, None)
+        headers.update(extra)
+        if body_stream is not None and request.content_length is not None:
+            headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
+
+        admitted = False
+        try:
+            if self._sem is not None:
+                if self.settings.max_queue and self.state.queued >= self.settings.max_queue:
+                    self.hooks.error("queue_full")
+                    ex.status = 429
+                    ex.error = "queue_full"
+                    return openai_error(429, "the sidecar's queue is full; retry later",
+                                        "queue_full")
+                self.state.queued += 1
+                try:
+                    await self._sem.acquire()
+                finally:
+                    self.state.queued -= 1
+            admitted = True
+            ex.timeline.admitted = self.clock()
+            self.state.in_flight += 1
+            return await self._relay_llm(request, ex, headers, send, body)
+        except asyncio.CancelledError:
+            ex.cancelled = True
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            ex.cancelled = True
+            raise
+        finally:
+            if admitted:
+                self.state.in_flight -= 1
+                if self._sem is not None:
+                    self._sem.release()
+            if ex.timeline.end is None:
+                ex.timeline.end = self.clock()
+            if ex.cancelled:
+                self.hooks.error("client_disconnect")
+            self._guard("finished", self.hooks.finished, ex)
+
+    def _parse_request(self, ex: Exchange, body: bytes) -> None:
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(obj, dict):
+            return
+        ex.body = obj
+        ex.model = obj.get("model")
+        ex.stream = obj.get("stream") is True
+        opts = obj.get("stream_options")
+        asked = isinstance(opts, dict) and opts.get("include_usage") is True
+        ex.injected_usage = ex.stream and self._inject_usage and not asked and (
+            opts is None or isinstance(opts, dict))
+
+    async def _send(self, request: web.Request, headers: CIMultiDict[str],
+                    data: bytes | AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
+        return await self.session.request(request.method, self.upstream_url(request),
+                                          headers=headers, data=data, allow_redirects=False)
+
+    async def _relay_llm(self, request: web.Request, ex: Exchange, headers: CIMultiDict[str],
+                         send: bytes | AsyncIterator[bytes] | None,
+                         original: bytes | None) -> web.StreamResponse:
+        ex.timeline.dispatched = self.clock()
+        try:
+            up = await self._send(request, headers, send)
+            if ex.injected_usage and up.status in (400, 422) and original is not None:
+                # The upstream refused stream_options: ask again exactly as the client did,
+                # and stop asking this upstream if that works.
+                up.release()
+                ex.injected_usage = False
+                up = await self._send(request, headers, original)
+                if up.status < 400:
+                    log.warning("upstream rejects stream_options.include_usage; token counts "
+                                "fall back to --tokenizer or chunks")
+                    self._inject_usage = False
+        except Exception as e:
+            failure = self._upstream_failure(e)
+            ex.status = failure.status
+            ex.error = "upstream_timeout" if failure.status == 504 else "upstream_connect"
+            return failure
+        ex.status = up.status
+        ex.upstream_headers = up.headers
+        sse = up.status == 200 and "text/event-stream" in up.headers.get(hdrs.CONTENT_TYPE, "")
+        capture = not sse or bool(self._guard("wants_capture", self.hooks.wants_capture, ex))
+        limit = self.settings.parse_limit
+        try:
+            resp = await self._prepare(request, up)
+            if sse:
+                scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage)
+                tl = ex.timeline
+                clock = self.clock
+                read = up.content.readany
+                while True:
+                    data = await read()
+                    if not data:
+                        break
+                    t = clock()
+                    try:
+                        n, out = scanner.feed(data)
+                    except Exception as e:  # never let measuring cost the client a byte
+                        self.hooks.instrumentation_error("sse scan", e)
+                        n, out = 0, data
+                        scanner.strip_usage = False
+                    if out:
+                        await resp.write(out)
+                    if n:
+                        tl.content(t, n)
+                    if capture:
+                        ex.capture(data, limit)
+                tail = scanner.flush()
+                if tail:
+                    await resp.write(tail)
+            else:
+                async for data in up.content.iter_any():
+                    await resp.write(data)
+                    ex.capture(data, limit)
+            ex.timeline.end = self.clock()
+            await resp.write_eof()
+            return resp
+        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
+            ex.error = "upstream_timeout" if not isinstance(e, aiohttp.ClientPayloadError) \
+                else "upstream_protocol"
+            self.hooks.error(ex.error)
+            ex.timeline.end = self.clock()
+            up.close()
+            _abort(request)  # the client sees the stream cut off, as it was upstream
+            return web.Response(status=499)
+        finally:
+            up.close() if not up.content.at_eof() else up.release()
+
+    def _guard(self, where: str, fn: Callable[[Exchange], Any], ex: Exchange) -> Any:
+        try:
+            return fn(ex)
+        except Exception as e:
+            self.hooks.instrumentation_error(where, e)
+            return None
+
+
+def _with_usage(body: dict[str, Any]) -> bytes:
+    opts = dict(body.get("stream_options") or {})
+    opts["include_usage"] = True
+    return json.dumps({**body, "stream_options": opts}, ensure_ascii=False,
+                      separators=(",", ":")).encode()
+
+
+async def _chain(first: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest.iter_chunked(_CHUNK):
+        yield chunk
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.close()

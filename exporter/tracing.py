@@ -1,0 +1,87 @@
+"""OpenTelemetry: one SERVER span per LLM request named ``{operation} {model}``, with child
+spans ``queue``, ``prefill`` and ``decode`` drawn from the request's timeline.
+
+The tracer provider is passed in. :func:`provider_from_env` builds the default one from the
+standard ``OTEL_*`` variables: OTLP/HTTP export when an endpoint is set, no export otherwise
+(spans still get ids, so exemplars and the ``traceparent`` sent upstream stay useful).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as genai
+from opentelemetry.semconv.attributes import error_attributes, server_attributes
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from exporter import __version__
+
+GEN_AI_REQUEST_STREAM = getattr(genai, "GEN_AI_REQUEST_STREAM", "gen_ai.request.stream")
+# Project attributes, namespaced, for what the conventions do not define.
+ATTR_QUEUE = "llm_exporter.queue.duration"
+ATTR_TTFT = "llm_exporter.time_to_first_token"
+ATTR_TOKEN_SOURCE = "llm_exporter.output_tokens.source"
+ATTR_PHASE_SOURCE = "llm_exporter.phase.source"
+ATTR_FINISH = "llm_exporter.finish_reason"
+
+
+def provider_from_env(environ: Mapping[str, str]) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create(
+        {"service.name": environ.get("OTEL_SERVICE_NAME", "llm-exporter"),
+         "service.version": __version__}))
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+class RequestTracer:
+    def __init__(self, provider: trace.TracerProvider, capture_content: bool = False) -> None:
+        self._tracer = provider.get_tracer("llm-exporter", __version__)
+        self.capture_content = capture_content
+
+    def start(self, headers: Mapping[str, str], operation: str, model: str, start_ns: int,
+              attributes: Mapping[str, Any]) -> Span:
+        ctx = extract(headers)
+        return self._tracer.start_span(
+            f"{operation} {model}", context=ctx, kind=SpanKind.SERVER, start_time=start_ns,
+            attributes={genai.GEN_AI_OPERATION_NAME: operation, **attributes})
+
+    @staticmethod
+    def inject(span: Span, carrier: MutableMapping[str, str]) -> None:
+        """Write the span's own ``traceparent``/``tracestate`` into the upstream headers."""
+        inject(carrier, context=trace.set_span_in_context(span))
+
+    def child(self, parent: Span, name: str, start_ns: int, end_ns: int,
+              attributes: Mapping[str, Any] | None = None) -> None:
+        span = self._tracer.start_span(name, context=trace.set_span_in_context(parent),
+                                       kind=SpanKind.INTERNAL, start_time=start_ns,
+                                       attributes=attributes)
+        span.end(end_time=max(end_ns, start_ns))
+
+    @staticmethod
+    def trace_id(span: Span) -> str | None:
+        ctx = span.get_span_context()
+        return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+    @staticmethod
+    def finish(span: Span, end_ns: int, status: int | None, error_type: str | None,
+               attributes: Mapping[str, Any]) -> None:
+        span.set_attributes(attributes)
+        if error_type:
+            span.set_attribute(error_attributes.ERROR_TYPE, error_type)
+        if status is None or status >= 500 or error_type:
+            span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end(end_time=end_ns)
+
+
+SERVER_ADDRESS = server_attributes.SERVER_ADDRESS
+SERVER_PORT = server_attributes.SERVER_PORT
