@@ -192,7 +192,7 @@ class Instrumentation(Hooks):
         else:
             finish = labels.finish_reason(r.finish_reason)
         ok = bool(ex.status and 200 <= ex.status < 300)
-        model = self.labels.label(ex.model, accepted=ok and not ex.cancelled)
+        model = self.labels.label(ex.model, accepted=ok)
         iv = derive(tl, output_tokens, r.engine)
         trace_id = self.tracer.trace_id(ex.span) if ex.span is not None else None
         self.metrics.record(Outcome(

@@ -62,6 +62,7 @@ class Exchange:
     model: Any = None
     stream: bool = False
     injected_usage: bool = False
+    probe_usage: bool = False
     status: int | None = None
     upstream_headers: CIMultiDictProxy[str] | None = None
     scanner: StreamScanner | None = None
@@ -135,7 +136,9 @@ class Proxy:
         self._sem = (asyncio.Semaphore(settings.max_concurrency)
                      if settings.max_concurrency > 0 else None)
         self._session: aiohttp.ClientSession | None = None
-        self._inject_usage = settings.inject_usage
+        # "probe": relay the first stream that did not ask for usage untouched and see whether
+        # usage comes anyway (some servers always send it); then "inject" or "off".
+        self.usage_mode = "probe" if settings.inject_usage else "off"
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(
@@ -292,8 +295,9 @@ class Proxy:
         ex.stream = obj.get("stream") is True
         opts = obj.get("stream_options")
         asked = isinstance(opts, dict) and opts.get("include_usage") is True
-        ex.injected_usage = ex.stream and self._inject_usage and not asked and (
-            opts is None or isinstance(opts, dict))
+        if ex.stream and not asked and (opts is None or isinstance(opts, dict)):
+            ex.injected_usage = self.usage_mode == "inject"
+            ex.probe_usage = self.usage_mode == "probe"
 
     async def _send(self, request: web.Request, headers: CIMultiDict[str],
                     data: bytes | AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
@@ -315,7 +319,7 @@ class Proxy:
                 if up.status < 400:
                     log.warning("upstream rejects stream_options.include_usage; token counts "
                                 "fall back to --tokenizer or chunks")
-                    self._inject_usage = False
+                    self.usage_mode = "off"
         except Exception as e:
             failure = self._upstream_failure(e)
             ex.status = failure.status
@@ -353,6 +357,12 @@ class Proxy:
                 tail = scanner.flush()
                 if tail:
                     await resp.write(tail)
+                if ex.probe_usage and self.usage_mode == "probe":
+                    self.usage_mode = "off" if scanner.usage is not None else "inject"
+                    log.info("upstream %s usage on streams unasked; %s", "sends" if
+                             self.usage_mode == "off" else "does not send",
+                             "relaying as is" if self.usage_mode == "off" else
+                             "asking for it (stream_options.include_usage) from now on")
             else:
                 async for data in up.content.iter_any():
                     await resp.write(data)

@@ -36,7 +36,8 @@ def _event_end(buf: bytes) -> int:
 
 
 def _event_bounds(buf: bytes, pos: int) -> tuple[int, int]:
-    start = max(buf.rfind(b"\n\n", 0, pos) + 2, buf.rfind(b"\r\n\r\n", 0, pos) + 4, 0)
+    a, b = buf.rfind(b"\n\n", 0, pos), buf.rfind(b"\r\n\r\n", 0, pos)
+    start = max(a + 2 if a >= 0 else 0, b + 4 if b >= 0 else 0)
     e1, e2 = buf.find(b"\n\n", pos), buf.find(b"\r\n\r\n", pos)
     ends = [e + n for e, n in ((e1, 2), (e2, 4)) if e >= 0]
     return start, (min(ends) if ends else len(buf))

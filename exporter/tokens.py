@@ -43,7 +43,7 @@ class HFTokenCounter:
             except Exception:  # a template that rejects these messages: fall through
                 log.debug("chat template failed; counting message contents", exc_info=True)
         texts = [m.get("content") for m in messages if isinstance(m, dict)]
-        return len(self._tok.encode("".join(t for t in texts if isinstance(t, str))))
+        return len(self._tok.encode("\n".join(t for t in texts if isinstance(t, str))))
 
 
 def load(path: str) -> HFTokenCounter:

@@ -1,0 +1,84 @@
+"""The SSE scanner on recorded streams, fed whole and cut at every byte boundary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter.sse import StreamScanner, content_text
+
+STREAMS = Path(__file__).parent / "data" / "streams"
+
+# file -> (content events, finish_reason, usage completion tokens or None, has timings)
+EXPECTED = {
+    "vllm_chat_usage.sse": (3, "length", 3, False),
+    "llamacpp_server_timings.sse": (2, "stop", 2, True),
+    "crlf_reasoning_tools.sse": (2, "tool_calls", None, False),
+    "spaced_text_completion.sse": (2, "stop", None, False),
+}
+
+
+def scan(data: bytes, cuts: list[int], strip: bool = False) -> tuple[StreamScanner, int, bytes]:
+    sc = StreamScanner(strip_usage=strip)
+    events, out, prev = 0, b"", 0
+    for cut in [*cuts, len(data)]:
+        n, fwd = sc.feed(data[prev:cut])
+        events += n
+        out += fwd
+        prev = cut
+    out += sc.flush()
+    return sc, events, out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recorded_streams_whole_and_split_everywhere(name: str) -> None:
+    data = (STREAMS / name).read_bytes()
+    events, finish, usage, timings = EXPECTED[name]
+    for cuts in ([], *([i] for i in range(1, len(data))), list(range(1, len(data)))):
+        sc, n, out = scan(data, cuts)
+        assert n == events, (name, cuts[:3])
+        assert out == data
+        assert sc.finish_reason == finish
+        assert (sc.usage or {}).get("completion_tokens") == usage
+        assert (sc.timings is not None) == timings
+
+
+def test_strip_removes_only_the_usage_only_event_at_any_split() -> None:
+    data = (STREAMS / "vllm_chat_usage.sse").read_bytes()
+    events = data.split(b"\n\n")
+    expected = b"\n\n".join(e for e in events if b'"choices":[]' not in e)
+    for i in range(0, len(data), 7):
+        sc, n, out = scan(data, [i] if i else [], strip=True)
+        assert out == expected
+        assert n == 3
+        assert sc.usage == {"prompt_tokens": 7, "total_tokens": 10, "completion_tokens": 3}
+
+
+def test_strip_keeps_usage_that_rides_on_a_content_chunk() -> None:
+    # llama-server puts usage on the final chunk that also has choices: not ours to remove.
+    data = (STREAMS / "llamacpp_server_timings.sse").read_bytes()
+    sc, _, out = scan(data, [], strip=True)
+    assert out == data
+    assert sc.usage is not None
+
+
+def test_role_only_and_null_content_are_not_tokens() -> None:
+    sc = StreamScanner()
+    n, _ = sc.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
+                   b'data: {"choices":[{"delta":{"content":null}}]}\n\n')
+    assert n == 0
+    n, _ = sc.feed(b'data: {"choices":[{"delta":{"content":"\\"quoted\\" x"}}]}\n\n')
+    assert n == 1
+
+
+def test_content_that_looks_like_a_key_is_not_double_counted() -> None:
+    sc = StreamScanner()
+    n, _ = sc.feed(b'data: {"choices":[{"delta":{"content":"say \\"content\\":\\"x\\""}}]}\n\n')
+    assert n == 1
+
+
+def test_content_text_joins_generated_text_of_a_stream() -> None:
+    data = (STREAMS / "crlf_reasoning_tools.sse").read_bytes()
+    assert content_text(data) == 'Think{"x": 1}'
+    assert content_text((STREAMS / "spaced_text_completion.sse").read_bytes()) == 'A b"c'
