@@ -209,7 +209,7 @@ class Instrumentation(Hooks):
             return ex.wall_ns_at_arrival + int(((t if t is not None else tl.arrival)
                                                 - tl.arrival) * 1e9)
 
-        if tl.admitted is not None and tl.admitted > tl.arrival:
+        if tl.admitted is not None:
             self.tracer.child(ex.span, "queue", ns(tl.arrival), ns(tl.admitted))
         if tl.first_token is not None and tl.dispatched is not None:
             self.tracer.child(ex.span, "prefill", ns(tl.dispatched), ns(tl.first_token),

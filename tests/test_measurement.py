@@ -1,0 +1,285 @@
+"""The figures are right: timings against programmed values and the client's own clock, token
+counts exact on every counting path, SLO counters, queueing, bounded labels."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from exporter.metrics import Outcome
+from exporter.proxy import Exchange
+from tests.harness import Running, running_sidecar
+from tests.upstream import Script, SyntheticUpstream, clock
+
+CHAT = "/v1/chat/completions"
+MS = 1e-3
+
+
+def spy(sc: Running) -> list[Outcome]:
+    """Every Outcome the real recorder sees (it still records)."""
+    seen: list[Outcome] = []
+    real = sc.sidecar.metrics.record
+
+    def record(o: Outcome) -> None:
+        seen.append(o)
+        real(o)
+
+    sc.sidecar.metrics.record = record  # type: ignore[method-assign]
+    return seen
+
+
+def body(stream: bool = True, words: int = 5, **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "stream": stream,
+            "messages": [{"role": "user", "content": " ".join(["w"] * words)}], **extra}
+
+
+async def stream_once(s: aiohttp.ClientSession, url: str, payload: dict[str, Any],
+                      headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Send one streaming request; the client's own view of its timing."""
+    t0 = clock()
+    chunks: list[float] = []
+    async with s.post(url + CHAT, json=payload, headers=headers) as r:
+        async for data in r.content.iter_any():
+            if b'"content":"t' in data:
+                chunks.append(clock())
+        end = clock()
+    return {"t0": t0, "chunks": chunks, "end": end}
+
+
+def spy_exchanges(sc: Running) -> list[Exchange]:
+    """Every finished exchange (raw timeline), as the real instrumentation sees it."""
+    seen: list[Exchange] = []
+    real = sc.sidecar.instrumentation.finished
+
+    def finished(ex: Exchange) -> None:
+        seen.append(ex)
+        real(ex)
+
+    sc.sidecar.instrumentation.finished = finished  # type: ignore[method-assign]
+    return seen
+
+
+async def test_single_stream_matches_programmed_values_within_2ms() -> None:
+    """The sidecar's error is bounded by 2 ms against what the upstream really sent (same
+    monotonic clock), and against the programmed values by 2 ms plus the upstream's own
+    measured lateness (zero on a quiet machine)."""
+    script = Script(ttft=0.12, itl=0.02, tokens=12)
+    async with SyntheticUpstream(script) as up, running_sidecar(up.url) as sc, \
+            aiohttp.ClientSession() as s:
+        seen = spy(sc)
+        exchanges = spy_exchanges(sc)
+        for _ in range(4):
+            await stream_once(s, sc.url, body())
+        assert len(seen) == 4
+        for o, ex, rec in list(zip(seen, exchanges, up.requests, strict=True))[1:]:
+            iv, tl = o.intervals, ex.timeline
+            # What the sidecar saw vs when each chunk was really written upstream.
+            assert len(tl.chunk_times) == len(rec.chunk_times) == 12
+            for seen_at, sent_at in zip(tl.chunk_times, rec.chunk_times, strict=True):
+                assert 0 <= seen_at - sent_at < 2 * MS
+            hop = rec.started_at - tl.arrival  # sidecar arrival -> upstream handler start
+            assert 0 <= hop < 2 * MS
+            late = max(rec.ttft - script.ttft, 0.0)
+            assert iv.ttft == pytest.approx(script.ttft, abs=2 * MS + late)
+            assert iv.prefill == pytest.approx(script.ttft, abs=2 * MS + late)
+            gaps = rec.gaps()
+            jitter = max(abs(g - script.itl) for g in gaps)
+            assert iv.decode == pytest.approx(script.itl * 11, abs=2 * MS + jitter * 11)
+            assert iv.e2e == pytest.approx(script.ttft + script.itl * 11,
+                                           abs=2 * MS + late + jitter * 11)
+            assert iv.tpot == pytest.approx(script.itl, abs=2 * MS + jitter)
+            assert len(iv.itl) == 11 and sum(n for _, n in iv.itl) == 11
+            for (value, _), gap in zip(iv.itl, gaps, strict=True):
+                assert value == pytest.approx(gap, abs=2 * MS)
+                assert value == pytest.approx(script.itl, abs=2 * MS + jitter)
+            assert o.output_tokens == 12
+
+
+async def test_itl_is_divided_across_the_tokens_a_chunk_carries() -> None:
+    script = Script(ttft=0.02, itl=0.03, tokens=12, tokens_per_chunk=3)
+    async with SyntheticUpstream(script) as up, running_sidecar(up.url) as sc, \
+            aiohttp.ClientSession() as s:
+        seen = spy(sc)
+        await stream_once(s, sc.url, body(stream_options={"include_usage": True}))
+        iv = seen[0].intervals
+        assert [n for _, n in iv.itl] == [3, 3, 3]
+        for (value, _), gap in zip(iv.itl, up.requests[0].gaps(), strict=True):
+            assert value == pytest.approx(gap / 3, abs=1 * MS)
+        assert sc.value("llm_exporter_inter_token_latency_seconds_count",
+                        {"model": "m", "operation": "chat"}) == 9
+
+
+async def test_16_concurrent_streams_agree_with_the_clients_clock_within_5ms() -> None:
+    script = Script(ttft=0.08, itl=0.015, tokens=24)
+    async with SyntheticUpstream(script) as up, running_sidecar(up.url) as sc, \
+            aiohttp.ClientSession() as s:
+        seen = spy(sc)
+        await stream_once(s, sc.url, body())  # warm-up and usage probe
+        seen.clear()
+        ids = [f"{i + 1:032x}" for i in range(16)]
+        views = await asyncio.gather(*(
+            stream_once(s, sc.url, body(), {"traceparent": f"00-{tid}-{i + 1:016x}-01"})
+            for i, tid in enumerate(ids)))
+        by_trace = {o.trace_id: o for o in seen}
+        assert set(by_trace) == set(ids)
+        for tid, view in zip(ids, views, strict=True):
+            iv = by_trace[tid].intervals
+            client_ttft = view["chunks"][0] - view["t0"]
+            client_e2e = view["end"] - view["t0"]
+            assert iv.ttft == pytest.approx(client_ttft, abs=5 * MS)
+            assert iv.e2e == pytest.approx(client_e2e, abs=5 * MS)
+            client_tpot = (client_e2e - client_ttft) / 23
+            assert iv.tpot == pytest.approx(client_tpot, abs=5 * MS)
+            client_itl = statistics.mean(b - a for a, b in zip(view["chunks"],
+                                                                view["chunks"][1:]))
+            sidecar_itl = statistics.mean(v for v, _ in iv.itl)
+            assert sidecar_itl == pytest.approx(client_itl, abs=5 * MS)
+            assert by_trace[tid].output_tokens == 24
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real transformers tokenizer that counts whitespace-separated words, as the synthetic
+    upstream does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path_factory.mktemp("wordtok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def source(sc: Running, kind: str, src: str) -> float:
+    return sc.value("llm_exporter_token_count_source_total", {"token_type": kind, "source": src})
+
+
+def tokens(sc: Running, kind: str) -> float:
+    return sc.value(f"llm_exporter_{kind}_tokens_total", {"model": "m"})
+
+
+async def test_token_counts_exact_from_usage_injected_and_stripped() -> None:
+    # 3 tokens per chunk: counting chunks would say 14, not 40.
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=40, tokens_per_chunk=3)) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        async with s.post(sc.url + CHAT, json=body(stream_options={"include_usage": True})) as r:
+            assert b'"usage"' in await r.read()  # the client asked: it gets it
+        async with s.post(sc.url + CHAT, json=body()) as r:  # probe: relayed as is
+            await r.read()
+        before = tokens(sc, "output")
+        for _ in range(3):
+            async with s.post(sc.url + CHAT, json=body(words=7)) as r:
+                data = await r.read()
+                assert b'"usage"' not in data and data.endswith(b"data: [DONE]\n\n")
+        assert tokens(sc, "output") - before == 120
+        assert up.requests[-1].json["stream_options"] == {"include_usage": True}
+        assert source(sc, "output", "usage") == 4 and source(sc, "input", "usage") == 4
+        # 5 words asked + 3 x 7 words injected; the probe carried no usage (none, not guessed).
+        assert tokens(sc, "input") == 26
+        assert source(sc, "input", "none") == 1 and source(sc, "output", "chunks") == 1
+
+
+async def test_token_counts_exact_from_a_tokenizer(word_tokenizer: Path) -> None:
+    script = Script(ttft=0, itl=0, tokens=31, tokens_per_chunk=4, usage="never")
+    async with SyntheticUpstream(script) as up, \
+            running_sidecar(up.url, tokenizer=str(word_tokenizer)) as sc, \
+            aiohttp.ClientSession() as s:
+        for stream in (True, True, False):
+            async with s.post(sc.url + CHAT, json=body(stream=stream, words=9)) as r:
+                await r.read()
+        await sc.settle()
+        assert tokens(sc, "output") == 93
+        assert tokens(sc, "input") == 27
+        assert source(sc, "output", "tokenizer") == 3
+        assert source(sc, "input", "tokenizer") == 3
+
+
+async def test_token_counts_exact_from_chunks() -> None:
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=17, usage="never")) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.post(sc.url + CHAT, json=body()) as r:
+                await r.read()
+        assert tokens(sc, "output") == 51
+        assert source(sc, "output", "chunks") == 3
+        assert source(sc, "input", "none") == 3
+
+
+async def test_slo_counters_and_threshold_buckets() -> None:
+    async with SyntheticUpstream(Script(ttft=0.05, itl=0.001, tokens=4)) as up, \
+            running_sidecar(up.url, slo_ttft=0.123, slo_tpot=0.0) as sc, \
+            aiohttp.ClientSession() as s:
+        async with s.post(sc.url + CHAT, json=body()) as r:
+            await r.read()
+        slow = Script(ttft=0.2, itl=0.001, tokens=4).header()
+        async with s.post(sc.url + CHAT, json=body(), headers=slow) as r:
+            await r.read()
+        ttft = {"model": "m", "slo": "ttft"}
+        assert sc.value("llm_exporter_slo_requests_total", {**ttft, "result": "good"}) == 1
+        assert sc.value("llm_exporter_slo_requests_total", {**ttft, "result": "bad"}) == 1
+        # The threshold is a bucket boundary, so the SLI is exact from the histogram too.
+        assert sc.value("gen_ai_server_time_to_first_token_seconds_bucket",
+                        {"model": "m", "operation": "chat", "le": "0.123"}) == 1
+        assert sc.value("llm_exporter_slo_requests_total", {
+            "model": "m", "slo": "tpot", "result": "good"}) == 0  # 0 disables
+
+
+async def test_sidecar_queue_time_and_gauges() -> None:
+    async with SyntheticUpstream(Script(ttft=0.1, itl=0.0, tokens=2)) as up, \
+            running_sidecar(up.url, max_concurrency=1, max_queue=2) as sc, \
+            aiohttp.ClientSession() as s:
+        seen = spy(sc)
+
+        async def go() -> int:
+            async with s.post(sc.url + CHAT, json=body()) as r:
+                await r.read()
+                return r.status
+
+        tasks = [asyncio.create_task(go()) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        assert sc.sidecar.state.in_flight == 1 and sc.sidecar.state.queued == 2
+        assert "llm_exporter_requests_queued 2.0" in sc.scrape()
+        statuses = sorted(await asyncio.gather(*tasks))
+        assert statuses == [200, 200, 200, 429]
+        queues = sorted(o.intervals.queue or 0 for o in seen if o.status_class == "2xx")
+        assert queues[0] < 0.01
+        assert queues[1] == pytest.approx(0.1, abs=0.02)
+        assert queues[2] == pytest.approx(0.2, abs=0.03)
+        # TTFT includes the wait; prefill does not.
+        last = max((o for o in seen if o.status_class == "2xx"), key=lambda o: o.intervals.queue
+                   or 0)
+        assert last.intervals.ttft == pytest.approx(last.intervals.queue + 0.1, abs=0.01)
+        assert last.intervals.prefill == pytest.approx(0.1, abs=0.01)
+        assert sc.value("llm_exporter_errors_total", {"type": "queue_full"}) == 1
+
+
+async def test_model_label_is_bounded() -> None:
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=1)) as up, \
+            running_sidecar(up.url, max_models=2) as sc, aiohttp.ClientSession() as s:
+        for name in ("a", "b", "c", "a", "x" * 500):
+            async with s.post(sc.url + CHAT, json={**body(stream=False), "model": name}) as r:
+                await r.read()
+        async with s.post(sc.url + CHAT, json={**body(stream=False), "model": "z"},
+                          headers=Script(status=404).header()) as r:
+            await r.read()
+        models = {smp.labels["model"] for m in sc.registry.collect()
+                  if m.name == "llm_exporter_requests" for smp in m.samples}
+        assert models == {"a", "b", "other"}
+
+
+async def test_non_streaming_has_no_ttft_but_has_e2e_and_tokens() -> None:
+    async with SyntheticUpstream(Script(tokens=6)) as up, running_sidecar(up.url) as sc, \
+            aiohttp.ClientSession() as s:
+        seen = spy(sc)
+        async with s.post(sc.url + CHAT, json=body(stream=False)) as r:
+            await r.read()
+        iv = seen[0].intervals
+        assert iv.ttft is None and iv.tpot is None and iv.e2e is not None
+        assert seen[0].output_tokens == 6 and seen[0].output_source == "usage"
+        assert seen[0].finish_reason == "stop"
