@@ -47,6 +47,7 @@ generate: setup
 	$(PY) -m exporter rules --out deploy/prometheus
 	$(PY) -m exporter dashboards generate --out dashboards
 	bash scripts/sync-chart.sh
+	$(PY) scripts/gen_readme.py
 
 lint: setup
 	$(PY) -m ruff check exporter tests bench

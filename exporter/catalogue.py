@@ -282,3 +282,13 @@ def by_name(name: str) -> MetricSpec:
         if m.name == name or m.exposed == name:
             return m
     raise KeyError(name)
+
+
+def markdown_table() -> str:
+    """The README's metric table, generated so it cannot drift from the catalogue."""
+    rows = ["| metric | type | labels | what |", "|---|---|---|---|"]
+    for m in ALL:
+        name = m.name + "_info" if m.kind is Kind.INFO else m.exposed
+        labels = ", ".join(m.labels) or "—"
+        rows.append(f"| `{name}` | {m.kind.value} | {labels} | {m.help} |")
+    return "\n".join(rows)

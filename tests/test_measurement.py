@@ -4,6 +4,7 @@ counts exact on every counting path, SLO counters, queueing, bounded labels."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -135,8 +136,7 @@ async def test_16_concurrent_streams_agree_with_the_clients_clock_within_5ms() -
             assert iv.e2e == pytest.approx(client_e2e, abs=5 * MS)
             client_tpot = (client_e2e - client_ttft) / 23
             assert iv.tpot == pytest.approx(client_tpot, abs=5 * MS)
-            client_itl = statistics.mean(b - a for a, b in zip(view["chunks"],
-                                                                view["chunks"][1:]))
+            client_itl = statistics.mean(b - a for a, b in itertools.pairwise(view["chunks"]))
             sidecar_itl = statistics.mean(v for v, _ in iv.itl)
             assert sidecar_itl == pytest.approx(client_itl, abs=5 * MS)
             assert by_trace[tid].output_tokens == 24
