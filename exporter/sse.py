@@ -20,11 +20,11 @@ import json
 import re
 from typing import Any
 
-_SCAN = re.compile(
-    rb'"(?:content|text|reasoning_content|reasoning|arguments)" ?: ?"(?!")'
-    rb'|"finish_reason" ?: ?"([A-Za-z_]{1,32})"'
-    rb'|"(usage|timings)" ?: ?\{'
-)
+# One pass per read for content; the rare keys are looked for only when a cheap substring
+# test says they are there (every OpenAI chunk carries "finish_reason":null).
+_CONTENT = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments)" ?: ?"(?!")')
+_FINISH = re.compile(rb'"finish_reason" ?: ?"([A-Za-z_]{1,32})"')
+_SPECIAL = re.compile(rb'"(usage|timings)" ?: ?\{')
 _EMPTY_CHOICES = re.compile(rb'"choices" ?: ?\[ ?\]')
 
 
@@ -76,15 +76,15 @@ class StreamScanner:
         else:
             self._tail = buf[end:]
             complete = buf[:end]
-        events = 0
+        events = len(_CONTENT.findall(complete))
+        if b'"finish_reason":"' in complete or b'"finish_reason": "' in complete:
+            reasons = _FINISH.findall(complete)
+            if reasons:
+                self.finish_reason = reasons[-1].decode()
         drop: tuple[int, int] | None = None
-        for m in _SCAN.finditer(complete):
-            if m.lastindex is None:
-                events += 1
-            elif m.lastindex == 1:
-                self.finish_reason = m.group(1).decode()
-            else:
-                found = self._special(complete, m.start(), m.group(2))
+        if b'"usage"' in complete or b'"timings"' in complete:
+            for m in _SPECIAL.finditer(complete):
+                found = self._special(complete, m.start(), m.group(1))
                 if found is not None:
                     drop = found
         if not self.strip_usage:
@@ -119,9 +119,9 @@ class StreamScanner:
         return tail if self.strip_usage else b""
 
     def _scan_tail(self, tail: bytes) -> None:
-        for m in _SCAN.finditer(tail):
-            if m.lastindex == 1:
-                self.finish_reason = m.group(1).decode()
+        reasons = _FINISH.findall(tail)
+        if reasons:
+            self.finish_reason = reasons[-1].decode()
 
 
 def content_text(stream: bytes) -> str:
