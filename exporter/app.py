@@ -172,10 +172,16 @@ class Sidecar:
         s = self.settings
         await self.proxy.start()
         server = web.Server(self.proxy.handle, handler_cancellation=True)
-        runner = web.ServerRunner(server, handle_signals=False)
+        runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, s.host, s.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            await self.proxy.close()
+            raise SettingsError(f"cannot listen on {s.host}:{s.port} (--port): {e.strerror}") \
+                from e
         self._runners.append(runner)
         self.port = _bound_port(runner)
         if self.spans is not None:
@@ -186,8 +192,13 @@ class Sidecar:
             await web.TCPSite(rrunner, s.host, s.otlp_receiver_port).start()
             self._runners.append(rrunner)
             self.receiver_port = _bound_port(rrunner)
-        self._metrics_server = MetricsServer(self.registry, s.metrics_host, s.metrics_port,
-                                             self.ready)
+        try:
+            self._metrics_server = MetricsServer(self.registry, s.metrics_host, s.metrics_port,
+                                                 self.ready)
+        except OSError as e:
+            await self.stop()
+            raise SettingsError(f"cannot listen on {s.metrics_host}:{s.metrics_port} "
+                                f"(--metrics-port): {e.strerror}") from e
         self._metrics_server.start()
         self._started = True
 
