@@ -171,8 +171,8 @@ class Sidecar:
     async def start(self) -> None:
         s = self.settings
         await self.proxy.start()
-        server = web.Server(self.proxy.handle, handler_cancellation=True)
-        runner = web.ServerRunner(server, handle_signals=False, access_log=None)
+        server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, s.host, s.port, reuse_address=True)
         try:
