@@ -35,8 +35,11 @@ def provider_from_env(environ: Mapping[str, str]) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create(
         {"service.name": environ.get("OTEL_SERVICE_NAME", "llm-exporter"),
          "service.version": __version__}))
-    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get(
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    exporters = {e.strip() for e in environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")}
+    disabled = environ.get("OTEL_SDK_DISABLED", "").lower() == "true" or "none" in exporters
+    if not disabled and "otlp" in exporters and (
+            environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

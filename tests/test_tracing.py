@@ -97,3 +97,20 @@ async def test_error_status_and_capture_content_opt_in() -> None:
         assert ok.attributes[genai.GEN_AI_OUTPUT_MESSAGES] == "t0 t1 t2 "
         assert failed.status.status_code is StatusCode.ERROR
         assert failed.attributes["error.type"] == "500"
+
+
+def test_provider_exports_only_when_configured() -> None:
+    from exporter.tracing import provider_from_env
+
+    def processors(env: dict[str, str]) -> int:
+        p = provider_from_env(env)
+        n = len(p._active_span_processor._span_processors)
+        p.shutdown()
+        return n
+
+    assert processors({}) == 0
+    assert processors({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}) == 1
+    assert processors({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+                       "OTEL_TRACES_EXPORTER": "none"}) == 0
+    assert processors({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces",
+                       "OTEL_SDK_DISABLED": "true"}) == 0
