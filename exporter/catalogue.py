@@ -35,8 +35,9 @@ class MetricSpec:
 
     @property
     def exposed(self) -> str:
-        """The sample-family name a PromQL query uses (``_total`` for counters)."""
-        return self.name + "_total" if self.kind is Kind.COUNTER else self.name
+        """The sample-family name a PromQL query uses (``_total``, ``_info`` suffixes)."""
+        suffix = {Kind.COUNTER: "_total", Kind.INFO: "_info"}.get(self.kind, "")
+        return self.name + suffix
 
 
 # --- Bounded label names (values are bounded too; see exporter.labels) -----------------------
@@ -288,7 +289,6 @@ def markdown_table() -> str:
     """The README's metric table, generated so it cannot drift from the catalogue."""
     rows = ["| metric | type | labels | what |", "|---|---|---|---|"]
     for m in ALL:
-        name = m.name + "_info" if m.kind is Kind.INFO else m.exposed
         labels = ", ".join(m.labels) or "—"
-        rows.append(f"| `{name}` | {m.kind.value} | {labels} | {m.help} |")
+        rows.append(f"| `{m.exposed}` | {m.kind.value} | {labels} | {m.help} |")
     return "\n".join(rows)

@@ -49,8 +49,7 @@ SIDECAR_NAMES = {
 
 
 def test_catalogue_sidecar_names_are_the_contract() -> None:
-    assert {m.exposed if m.kind is not c.Kind.INFO else m.name + "_info"
-            for m in c.SIDECAR} == SIDECAR_NAMES
+    assert {m.exposed for m in c.SIDECAR} == SIDECAR_NAMES
     for m in c.ALL:
         assert m.name.startswith(("gen_ai_", c.PREFIX)), m.name
         assert ":" not in m.name
