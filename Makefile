@@ -22,6 +22,7 @@ serve:
 # model) and the vLLM-CPU compatibility group.
 test: setup
 	bash scripts/setup-vllm.sh
+	bash scripts/setup-grafana.sh
 	$(PYTEST) -q -ra tests
 
 # Without the third-party engine groups (quick local loop).

@@ -27,7 +27,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_server
 
 from exporter import labels
 from exporter.instrument import Instrumentation
-from exporter.metrics import SidecarMetrics
+from exporter.metrics import FlagSlos, SidecarMetrics, SloPolicy
 from exporter.otlp_receiver import EngineSpanStore, build_receiver_app
 from exporter.proxy import Proxy
 from exporter.settings import Settings, SettingsError
@@ -38,16 +38,17 @@ from exporter.tracing import RequestTracer, provider_from_env
 log = logging.getLogger(__name__)
 
 
-def slo_thresholds(settings: Settings) -> dict[str, float]:
-    """Latency SLO thresholds in seconds: the SLO file's when given, else the --slo-* flags."""
+def slo_policy(settings: Settings) -> SloPolicy:
+    """Latency SLOs: the SLO file's objectives (per model where it says so) when given, the
+    same file the rules are generated from; else the --slo-* flags."""
     if settings.slo:
         from exporter import slo
 
         try:
-            return dict(slo.load(settings.slo).thresholds())
+            return slo.load(settings.slo)
         except (OSError, ValueError) as e:
             raise SettingsError(f"--slo {settings.slo}: {e}") from e
-    return {"ttft": settings.slo_ttft, "tpot": settings.slo_tpot, "e2e": settings.slo_e2e}
+    return FlagSlos(settings.slo_ttft, settings.slo_tpot, settings.slo_e2e)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -126,7 +127,7 @@ class Sidecar:
         self.settings = settings
         self.registry = registry
         self.state = state or ProxyState()
-        self.metrics = SidecarMetrics(registry, settings, self.state, slo_thresholds(settings))
+        self.metrics = SidecarMetrics(registry, settings, self.state, slo_policy(settings))
         tokens = None
         if settings.tokenizer:
             from exporter import tokens as tokens_mod

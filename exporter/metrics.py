@@ -4,9 +4,9 @@ passed in (no global registry), and the one place a finished request becomes obs
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -21,18 +21,45 @@ from exporter.timeline import Intervals
 log = logging.getLogger(__name__)
 
 
-def histogram_buckets(settings: Settings,
-                      slo_thresholds: Mapping[str, float]) -> dict[str, tuple[float, ...]]:
-    """Buckets per histogram: configured or default, always including the SLO thresholds."""
+LATENCY_SLOS = ("ttft", "tpot", "e2e")
 
-    def merge(base: tuple[float, ...], *extra: float | None) -> tuple[float, ...]:
-        return tuple(sorted(set(base) | {x for x in extra if x}))
+
+class SloPolicy(Protocol):
+    """Which threshold a request is judged against (``exporter.slo.SloConfig`` is one)."""
+
+    def threshold_for(self, slo: str, model: str) -> float | None: ...
+
+    def bucket_boundaries(self, slo: str) -> tuple[float, ...]: ...
+
+
+@dataclass(frozen=True)
+class FlagSlos:
+    """The ``--slo-ttft/--slo-tpot/--slo-e2e`` thresholds, for every model (0: none)."""
+
+    ttft: float = 0.0
+    tpot: float = 0.0
+    e2e: float = 0.0
+
+    def threshold_for(self, slo: str, model: str) -> float | None:
+        return float(getattr(self, slo, 0.0)) or None
+
+    def bucket_boundaries(self, slo: str) -> tuple[float, ...]:
+        value = float(getattr(self, slo, 0.0))
+        return (value,) if value else ()
+
+
+def histogram_buckets(settings: Settings, slo: SloPolicy) -> dict[str, tuple[float, ...]]:
+    """Buckets per histogram: configured or default, always including every SLO threshold
+    (each model's too), so the SLI read from a histogram is exact."""
+
+    def merge(base: tuple[float, ...], extra: tuple[float, ...] = ()) -> tuple[float, ...]:
+        return tuple(sorted(set(base) | set(extra)))
 
     return {
-        c.TTFT.name: merge(settings.buckets("ttft", c.TTFT_BUCKETS), slo_thresholds.get("ttft")),
-        c.TPOT.name: merge(settings.buckets("tpot", c.TPOT_BUCKETS), slo_thresholds.get("tpot")),
+        c.TTFT.name: merge(settings.buckets("ttft", c.TTFT_BUCKETS), slo.bucket_boundaries("ttft")),
+        c.TPOT.name: merge(settings.buckets("tpot", c.TPOT_BUCKETS), slo.bucket_boundaries("tpot")),
         c.REQUEST_DURATION.name: merge(settings.buckets("duration", c.DURATION_BUCKETS),
-                                       slo_thresholds.get("e2e")),
+                                       slo.bucket_boundaries("e2e")),
         c.ITL.name: merge(settings.buckets("itl", c.ITL_BUCKETS)),
     }
 
@@ -67,9 +94,9 @@ class _StateCollector(Collector):
 
 class SidecarMetrics:
     def __init__(self, registry: CollectorRegistry, settings: Settings, state: ProxyState,
-                 slo_thresholds: Mapping[str, float]) -> None:
-        self.slo = {k: v for k, v in slo_thresholds.items() if v}
-        buckets = histogram_buckets(settings, self.slo)
+                 slo: SloPolicy) -> None:
+        self.slo = slo
+        buckets = histogram_buckets(settings, slo)
 
         phase = settings.buckets("phase", c.PHASE_BUCKETS)
 
@@ -101,8 +128,10 @@ class SidecarMetrics:
                                     c.SLO_REQUESTS.labels, registry=registry)
         threshold = Gauge(c.SLO_THRESHOLD.name, c.SLO_THRESHOLD.help, c.SLO_THRESHOLD.labels,
                           registry=registry)
-        for name, value in self.slo.items():
-            threshold.labels(name).set(value)
+        for name in LATENCY_SLOS:
+            value = slo.threshold_for(name, "")  # the objective for every model
+            if value:
+                threshold.labels(name).set(value)
         self.build = Info(c.BUILD_INFO.name, c.BUILD_INFO.help, registry=registry)
         self.build.info({"version": __version__, c.ENGINE: state.engine})
         registry.register(_StateCollector(state))
@@ -163,7 +192,7 @@ class SidecarMetrics:
         self.token_source.labels("input", o.input_source).inc()
         self.token_source.labels("output", o.output_source).inc()
         for slo, value in (("ttft", iv.ttft), ("tpot", iv.tpot), ("e2e", iv.e2e)):
-            limit = self.slo.get(slo)
+            limit = self.slo.threshold_for(slo, o.model) if value is not None else None
             if limit and value is not None:
                 self.slo_requests.labels(o.model, slo, "good" if value <= limit else "bad").inc()
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from exporter import catalogue as c
-from exporter.metrics import SidecarMetrics
+from exporter.metrics import FlagSlos, SidecarMetrics
 from exporter.settings import Settings
 from exporter.state import ProxyState
 from tests.harness import running_sidecar
@@ -60,7 +61,7 @@ def test_catalogue_sidecar_names_are_the_contract() -> None:
 
 def test_registry_exports_exactly_the_catalogue() -> None:
     registry = CollectorRegistry()
-    SidecarMetrics(registry, Settings(upstream="http://x"), ProxyState(), {"ttft": 0.5})
+    SidecarMetrics(registry, Settings(upstream="http://x"), ProxyState(), FlagSlos(ttft=0.5))
     assert {m.name for m in registry.collect()} == {m.name for m in c.SIDECAR}
     for fam in registry.collect():
         spec = c.by_name(fam.name)
@@ -70,10 +71,43 @@ def test_registry_exports_exactly_the_catalogue() -> None:
 
 def test_slo_thresholds_and_custom_buckets_are_boundaries() -> None:
     registry = CollectorRegistry()
-    SidecarMetrics(registry, Settings(upstream="http://x", buckets_ttft="0.2,1,3"),
-                   ProxyState(), {"ttft": 0.35, "tpot": 0.042})
-    text = "\n".join(str(x) for x in registry.collect())
-    assert "0.35" in text and "0.042" in text
+    m = SidecarMetrics(registry, Settings(upstream="http://x", buckets_ttft="0.2,1,3"),
+                       ProxyState(), FlagSlos(ttft=0.35, tpot=0.042))
+    m.ttft.labels("m", "chat").observe(0.3)
+    m.tpot.labels("m", "chat").observe(0.04)
+    les = {(s.name, s.labels.get("le")) for f in registry.collect() for s in f.samples}
+    ttft = {le for name, le in les if name == "gen_ai_server_time_to_first_token_seconds_bucket"}
+    assert ttft == {"0.2", "0.35", "1.0", "3.0", "+Inf"}
+    assert ("gen_ai_server_time_per_output_token_seconds_bucket", "0.042") in les
+    assert registry.get_sample_value("llm_exporter_slo_threshold_seconds", {"slo": "ttft"}) == 0.35
+
+
+def test_per_model_objectives_judge_each_model_and_add_boundaries(tmp_path: Path) -> None:
+    from exporter import slo
+    from exporter.metrics import Outcome
+    from exporter.timeline import Timeline, derive
+
+    path = tmp_path / "slo.yaml"
+    path.write_text(
+        "objectives:\n"
+        "  - {slo: ttft, threshold_seconds: 0.5, target: 0.99}\n"
+        "  - {slo: ttft, threshold_seconds: 2.0, target: 0.99, model: big}\n")
+    registry = CollectorRegistry()
+    m = SidecarMetrics(registry, Settings(upstream="http://x"), ProxyState(), slo.load(path))
+    tl = Timeline(arrival=0.0, admitted=0.0, dispatched=0.0)
+    tl.content(1.0, 1)
+    tl.end = 1.0
+    for model in ("big", "small"):
+        m.record(Outcome(model, "chat", True, "2xx", "stop", derive(tl, 1), 1, 1, "usage",
+                         "usage", None))
+    get = registry.get_sample_value
+    assert get("llm_exporter_slo_requests_total", {"model": "big", "slo": "ttft",
+                                                   "result": "good"}) == 1
+    assert get("llm_exporter_slo_requests_total", {"model": "small", "slo": "ttft",
+                                                   "result": "bad"}) == 1
+    for le in ("0.5", "2.0"):
+        assert get("gen_ai_server_time_to_first_token_seconds_bucket",
+                   {"model": "big", "operation": "chat", "le": le}) is not None
 
 
 async def test_exemplars_carry_trace_ids_and_promtool_passes() -> None:
