@@ -202,18 +202,21 @@ class Proxy:
                 allow_redirects=False)
         except Exception as e:
             return self._upstream_failure(e)
+        resp: web.StreamResponse | None = None
         try:
             resp = await self._prepare(request, up)
             async for data in up.content.iter_any():
                 await resp.write(data)
+            await resp.write_eof()
+            return resp
+        except ConnectionResetError:
+            return resp if resp is not None else web.Response(status=499)
         except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError):
             up.close()
             _abort(request)
-            return web.Response(status=499)
+            return resp if resp is not None else web.Response(status=499)
         finally:
-            up.release()
-        await resp.write_eof()
-        return resp
+            up.close() if not up.content.at_eof() else up.release()
 
     def _upstream_failure(self, e: BaseException) -> web.Response:
         if isinstance(e, aiohttp.ServerTimeoutError | TimeoutError):
@@ -267,9 +270,6 @@ class Proxy:
             self.state.in_flight += 1
             return await self._relay_llm(request, ex, headers, send, body)
         except asyncio.CancelledError:
-            ex.cancelled = True
-            raise
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             ex.cancelled = True
             raise
         finally:
@@ -330,39 +330,11 @@ class Proxy:
         sse = up.status == 200 and "text/event-stream" in up.headers.get(hdrs.CONTENT_TYPE, "")
         capture = not sse or bool(self._guard("wants_capture", self.hooks.wants_capture, ex))
         limit = self.settings.parse_limit
+        resp: web.StreamResponse | None = None
         try:
             resp = await self._prepare(request, up)
             if sse:
-                scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage)
-                tl = ex.timeline
-                clock = self.clock
-                read = up.content.readany
-                while True:
-                    data = await read()
-                    if not data:
-                        break
-                    t = clock()
-                    try:
-                        n, out = scanner.feed(data)
-                    except Exception as e:  # never let measuring cost the client a byte
-                        self.hooks.instrumentation_error("sse scan", e)
-                        n, out = 0, data
-                        scanner.strip_usage = False
-                    if out:
-                        await resp.write(out)
-                    if n:
-                        tl.content(t, n)
-                    if capture:
-                        ex.capture(data, limit)
-                tail = scanner.flush()
-                if tail:
-                    await resp.write(tail)
-                if ex.probe_usage and self.usage_mode == "probe":
-                    self.usage_mode = "off" if scanner.usage is not None else "inject"
-                    log.info("upstream %s usage on streams unasked; %s", "sends" if
-                             self.usage_mode == "off" else "does not send",
-                             "relaying as is" if self.usage_mode == "off" else
-                             "asking for it (stream_options.include_usage) from now on")
+                await self._relay_sse(ex, up, resp, capture, limit)
             else:
                 async for data in up.content.iter_any():
                     await resp.write(data)
@@ -370,6 +342,11 @@ class Proxy:
             ex.timeline.end = self.clock()
             await resp.write_eof()
             return resp
+        except ConnectionResetError:
+            # The client went away while we wrote: a cancellation, not an error of ours.
+            # Returning the prepared response lets aiohttp finish quietly.
+            ex.cancelled = True
+            return resp if resp is not None else web.Response(status=499)
         except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
             ex.error = "upstream_timeout" if not isinstance(e, aiohttp.ClientPayloadError) \
                 else "upstream_protocol"
@@ -377,9 +354,43 @@ class Proxy:
             ex.timeline.end = self.clock()
             up.close()
             _abort(request)  # the client sees the stream cut off, as it was upstream
-            return web.Response(status=499)
+            return resp if resp is not None else web.Response(status=499)
         finally:
             up.close() if not up.content.at_eof() else up.release()
+
+    async def _relay_sse(self, ex: Exchange, up: aiohttp.ClientResponse,
+                         resp: web.StreamResponse, capture: bool, limit: int) -> None:
+        """The hot loop: per upstream read, one clock read, one scan, one write."""
+        scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage)
+        tl = ex.timeline
+        clock = self.clock
+        read = up.content.readany
+        while True:
+            data = await read()
+            if not data:
+                break
+            t = clock()
+            try:
+                n, out = scanner.feed(data)
+            except Exception as e:  # never let measuring cost the client a byte
+                self.hooks.instrumentation_error("sse scan", e)
+                n, out = 0, data
+                scanner.strip_usage = False
+            if out:
+                await resp.write(out)
+            if n:
+                tl.content(t, n)
+            if capture:
+                ex.capture(data, limit)
+        tail = scanner.flush()
+        if tail:
+            await resp.write(tail)
+        if ex.probe_usage and self.usage_mode == "probe":
+            self.usage_mode = "off" if scanner.usage is not None else "inject"
+            log.info("upstream %s usage on streams unasked; %s", "sends" if
+                     self.usage_mode == "off" else "does not send",
+                     "relaying as is" if self.usage_mode == "off" else
+                     "asking for it (stream_options.include_usage) from now on")
 
     def _guard(self, where: str, fn: Callable[[Exchange], Any], ex: Exchange) -> Any:
         try:

@@ -234,7 +234,9 @@ async def test_stall_mid_stream_cuts_the_client_off_and_counts_a_timeout() -> No
         assert sc.value("llm_exporter_errors_total", {"type": "upstream_timeout"}) == 1
 
 
-async def test_client_disconnect_closes_upstream_within_100ms() -> None:
+async def test_client_disconnect_closes_upstream_within_100ms(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
     async with SyntheticUpstream(Script(ttft=0.01, itl=0.005, tokens=2000)) as up, \
             running_sidecar(up.url) as sc:
         for _ in range(3):
@@ -262,6 +264,7 @@ async def test_client_disconnect_closes_upstream_within_100ms() -> None:
             "finish_reason": "cancelled"}) == 3
         assert sc.value("llm_exporter_errors_total", {"type": "client_disconnect"}) == 3
         assert sc.sidecar.state.in_flight == 0
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "no tracebacks"
 
 
 async def test_instrumentation_error_is_counted_logged_once_and_response_continues(
