@@ -227,11 +227,14 @@ def run(settings: Settings) -> int:
     engine = None
     state = ProxyState()
     if not settings.upstream:
-        from exporter.engine.launch import start_engine
+        from exporter.engine.launch import EngineStartError, start_engine
 
         log.info("no --upstream: starting the embedded engine")
-        engine = start_engine(settings.model, "127.0.0.1", settings.engine_port,
-                              settings.max_batch, settings.engine_max_queue, settings.device)
+        try:
+            engine = start_engine(settings.model, "127.0.0.1", settings.engine_port,
+                                  settings.max_batch, settings.engine_max_queue, settings.device)
+        except EngineStartError as e:
+            raise SettingsError(f"the embedded engine did not start: {e}") from e
         settings = settings.replace(upstream=engine.url)
         state.engine_pid, state.engine = engine.pid, "embedded"
     elif settings.engine_pid:
