@@ -121,7 +121,8 @@ class UpstreamProbe:
 class Sidecar:
     def __init__(self, settings: Settings, registry: CollectorRegistry,
                  tracer_provider: trace.TracerProvider, *, clock: Clock = time.perf_counter,
-                 state: ProxyState | None = None, collectors: bool = True) -> None:
+                 state: ProxyState | None = None, collectors: bool = True,
+                 record_spans: bool = True) -> None:
         if not settings.upstream:
             raise SettingsError("no upstream: start the embedded engine first (see run())")
         self.settings = settings
@@ -138,7 +139,7 @@ class Sidecar:
                 raise SettingsError(f"--tokenizer {settings.tokenizer}: {e}") from e
         self.spans = EngineSpanStore() if settings.otlp_receiver_port else None
         self.instrumentation = Instrumentation(
-            self.metrics, RequestTracer(tracer_provider, settings.capture_content),
+            self.metrics, RequestTracer(tracer_provider, settings.capture_content, record_spans),
             labels.ModelLabels(settings.max_models), tokens, self.spans,
             settings.engine_span_wait)
         self.proxy = Proxy(settings, self.instrumentation, self.state, clock=clock)
@@ -252,8 +253,9 @@ def run(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings, state: ProxyState) -> int:
-    provider = provider_from_env(os.environ)
-    sidecar = Sidecar(settings, CollectorRegistry(), provider, state=state)
+    provider, exporting = provider_from_env(os.environ)
+    sidecar = Sidecar(settings, CollectorRegistry(), provider, state=state,
+                      record_spans=exporting)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -61,6 +61,11 @@ class Instrumentation(Hooks):
     # --- hooks the relay calls -----------------------------------------------------------------
     def started(self, ex: Exchange) -> dict[str, str]:
         model = ex.model if isinstance(ex.model, str) and ex.model else "unknown"
+        if not self.tracer.recording:
+            ex.span = self.tracer.start(ex.headers, ex.operation, model, 0, {})
+            carrier: dict[str, str] = {}
+            self.tracer.inject(ex.span, carrier)
+            return carrier
         attrs: dict[str, Any] = {genai.GEN_AI_REQUEST_MODEL: model[:256],
                                  GEN_AI_REQUEST_STREAM: ex.stream}
         body = ex.body or {}
@@ -76,7 +81,7 @@ class Instrumentation(Hooks):
                 attrs[genai.GEN_AI_INPUT_MESSAGES] = json.dumps(prompt, ensure_ascii=False)
         ex.span = self.tracer.start(ex.headers, ex.operation, model[:128],
                                     ex.wall_ns_at_arrival, attrs)
-        carrier: dict[str, str] = {}
+        carrier = {}
         self.tracer.inject(ex.span, carrier)
         return carrier
 
@@ -198,7 +203,7 @@ class Instrumentation(Hooks):
         self.metrics.record(Outcome(
             model, ex.operation, ex.stream, labels.status_class(ex.status), finish, iv,
             input_tokens, output_tokens, input_source, output_source, trace_id))
-        if ex.span is not None:
+        if ex.span is not None and self.tracer.recording:
             self._end_span(ex, r, iv, input_tokens, output_tokens, output_source, finish)
 
     def _end_span(self, ex: Exchange, r: _Result, iv: Any, input_tokens: int | None,

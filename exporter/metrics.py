@@ -3,6 +3,7 @@ passed in (no global registry), and the one place a finished request becomes obs
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class SidecarMetrics:
                   "client_disconnect", "queue_full", "instrumentation"):
             self.errors.labels(t)  # exported at 0 from the start, so rate() works at once
         self._logged: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()
@@ -151,53 +153,72 @@ class SidecarMetrics:
             log.error("instrumentation error in %s (counted in %s; logged once)", where,
                       c.ERRORS.exposed, exc_info=exc)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(...)``, cached: label sets are bounded, lookups are per request."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def record(self, o: Outcome) -> None:
         iv = o.intervals
         lat = (o.model, o.operation)
         ex: dict[str, str] | None = {"trace_id": o.trace_id} if o.trace_id else None
-        self.requests.labels(o.model, o.operation, "true" if o.stream else "false",
-                             o.status_class, o.finish_reason).inc()
+        stream = "true" if o.stream else "false"
+        child = self._child
+        child(self.requests, o.model, o.operation, stream, o.status_class,
+              o.finish_reason).inc()
         if iv.e2e is not None:
-            self.duration.labels(*lat, "true" if o.stream else "false").observe(iv.e2e, ex)
+            child(self.duration, *lat, stream).observe(iv.e2e, ex)
         if iv.queue is not None:
-            self.queue.labels(*lat).observe(iv.queue, ex)
+            child(self.queue, *lat).observe(iv.queue, ex)
         ok = o.status_class == "2xx" and o.finish_reason not in ("cancelled", "error")
         if not ok:
             return
-        _observe(self.ttft, lat, iv.ttft, ex)
-        _observe(self.tpot, lat, iv.tpot, ex)
-        _observe(self.prefill, lat, iv.prefill, ex)
-        _observe(self.decode, lat, iv.decode, ex)
-        _observe(self.engine_queue, lat, iv.engine_queue, ex)
+        for metric, value in ((self.ttft, iv.ttft), (self.tpot, iv.tpot),
+                              (self.prefill, iv.prefill), (self.decode, iv.decode),
+                              (self.engine_queue, iv.engine_queue)):
+            if value is not None:
+                child(metric, *lat).observe(value, ex)
         if iv.itl:
             # One observation per token (as SGLang does); the exemplar rides on the last.
-            child = self.itl.labels(*lat)
-            for value, count in iv.itl[:-1]:
-                for _ in range(count):
-                    child.observe(value)
-            value, count = iv.itl[-1]
-            for _ in range(count - 1):
-                child.observe(value)
-            child.observe(value, ex)
+            itl = child(self.itl, *lat)
+            *rest, (last, count) = iv.itl
+            for value, n in rest:
+                _observe_many(itl, value, n)
+            _observe_many(itl, last, count - 1)
+            itl.observe(last, ex)
         for phase, value in (("prefill", iv.prefill), ("decode", iv.decode),
                              ("engine_queue", iv.engine_queue)):
             if value is not None:
-                self.phase_source.labels(phase, iv.phase_source).inc()
+                child(self.phase_source, phase, iv.phase_source).inc()
         if o.input_tokens is not None:
-            self.input_tokens.labels(o.model).inc(o.input_tokens)
-            self.input_per_request.labels(*lat).observe(o.input_tokens)
+            child(self.input_tokens, o.model).inc(o.input_tokens)
+            child(self.input_per_request, *lat).observe(o.input_tokens)
         if o.output_tokens is not None:
-            self.output_tokens.labels(o.model).inc(o.output_tokens)
-            self.output_per_request.labels(*lat).observe(o.output_tokens)
-        self.token_source.labels("input", o.input_source).inc()
-        self.token_source.labels("output", o.output_source).inc()
+            child(self.output_tokens, o.model).inc(o.output_tokens)
+            child(self.output_per_request, *lat).observe(o.output_tokens)
+        child(self.token_source, "input", o.input_source).inc()
+        child(self.token_source, "output", o.output_source).inc()
         for slo, value in (("ttft", iv.ttft), ("tpot", iv.tpot), ("e2e", iv.e2e)):
             limit = self.slo.threshold_for(slo, o.model) if value is not None else None
             if limit and value is not None:
-                self.slo_requests.labels(o.model, slo, "good" if value <= limit else "bad").inc()
+                child(self.slo_requests, o.model, slo, "good" if value <= limit else "bad").inc()
 
 
-def _observe(h: Histogram, labels: tuple[str, ...], value: float | None,
-             exemplar: dict[str, Any] | None) -> None:
-    if value is not None:
-        h.labels(*labels).observe(value, exemplar)
+def _observe_many(h: Any, value: float, count: int) -> None:
+    """``count`` observations of ``value`` in one step (one bucket increment, one sum add),
+    as SGLang does; falls back to a loop if prometheus_client's internals ever change."""
+    if count <= 0:
+        return
+    try:
+        bounds, buckets, total = h._upper_bounds, h._buckets, h._sum
+    except AttributeError:
+        for _ in range(count):
+            h.observe(value)
+        return
+    buckets[bisect.bisect_left(bounds, value)].inc(count)
+    total.inc(value * count)
+
+

@@ -141,7 +141,11 @@ class Proxy:
         self.usage_mode = "probe" if settings.inject_usage else "off"
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(
+        # LLM routes time reads with one coarse watchdog per request (_Watchdog): aiohttp's
+        # sock_read re-arms a timer on every chunk. Other routes keep aiohttp's own.
+        timeout = aiohttp.ClientTimeout(total=None,
+                                        connect=self.settings.connect_timeout or None)
+        self._passthrough_timeout = aiohttp.ClientTimeout(
             total=None, connect=self.settings.connect_timeout or None,
             sock_read=self.settings.upstream_timeout or None)
         self._session = aiohttp.ClientSession(
@@ -199,7 +203,7 @@ class Proxy:
             up = await self.session.request(
                 request.method, self.upstream_url(request), headers=headers,
                 data=body_stream if body_stream is not None else (body or None),
-                allow_redirects=False)
+                allow_redirects=False, timeout=self._passthrough_timeout)
         except Exception as e:
             return self._upstream_failure(e)
         resp: web.StreamResponse | None = None
@@ -308,14 +312,17 @@ class Proxy:
                          send: bytes | AsyncIterator[bytes] | None,
                          original: bytes | None) -> web.StreamResponse:
         ex.timeline.dispatched = self.clock()
+        timeout = self.settings.upstream_timeout or None
         try:
-            up = await self._send(request, headers, send)
+            async with asyncio.timeout(timeout):
+                up = await self._send(request, headers, send)
             if ex.injected_usage and up.status in (400, 422) and original is not None:
                 # The upstream refused stream_options: ask again exactly as the client did,
                 # and stop asking this upstream if that works.
                 up.release()
                 ex.injected_usage = False
-                up = await self._send(request, headers, original)
+                async with asyncio.timeout(timeout):
+                    up = await self._send(request, headers, original)
                 if up.status < 400:
                     log.warning("upstream rejects stream_options.include_usage; token counts "
                                 "fall back to --tokenizer or chunks")
@@ -331,14 +338,19 @@ class Proxy:
         capture = not sse or bool(self._guard("wants_capture", self.hooks.wants_capture, ex))
         limit = self.settings.parse_limit
         resp: web.StreamResponse | None = None
+        watchdog = _Watchdog(up, timeout, self.clock) if timeout else None
         try:
             resp = await self._prepare(request, up)
             if sse:
-                await self._relay_sse(ex, up, resp, capture, limit)
+                await self._relay_sse(ex, up, resp, capture, limit, watchdog)
             else:
                 async for data in up.content.iter_any():
+                    if watchdog is not None:
+                        watchdog.last = self.clock()
                     await resp.write(data)
                     ex.capture(data, limit)
+            if watchdog is not None and watchdog.fired:
+                raise TimeoutError("upstream stalled mid-body")
             ex.timeline.end = self.clock()
             await resp.write_eof()
             return resp
@@ -347,19 +359,23 @@ class Proxy:
             # Returning the prepared response lets aiohttp finish quietly.
             ex.cancelled = True
             return resp if resp is not None else web.Response(status=499)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError) as e:
-            ex.error = "upstream_timeout" if not isinstance(e, aiohttp.ClientPayloadError) \
-                else "upstream_protocol"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            timed_out = (watchdog is not None and watchdog.fired) or isinstance(
+                e, aiohttp.ServerTimeoutError | TimeoutError)
+            ex.error = "upstream_timeout" if timed_out else "upstream_protocol"
             self.hooks.error(ex.error)
             ex.timeline.end = self.clock()
             up.close()
             _abort(request)  # the client sees the stream cut off, as it was upstream
             return resp if resp is not None else web.Response(status=499)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             up.close() if not up.content.at_eof() else up.release()
 
     async def _relay_sse(self, ex: Exchange, up: aiohttp.ClientResponse,
-                         resp: web.StreamResponse, capture: bool, limit: int) -> None:
+                         resp: web.StreamResponse, capture: bool, limit: int,
+                         watchdog: _Watchdog | None) -> None:
         """The hot loop: per upstream read, one clock read, one scan, one write."""
         scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage)
         tl = ex.timeline
@@ -370,6 +386,8 @@ class Proxy:
             if not data:
                 break
             t = clock()
+            if watchdog is not None:
+                watchdog.last = t
             try:
                 n, out = scanner.feed(data)
             except Exception as e:  # never let measuring cost the client a byte
@@ -398,6 +416,31 @@ class Proxy:
         except Exception as e:
             self.hooks.instrumentation_error(where, e)
             return None
+
+
+class _Watchdog:
+    """Closes the upstream response when no byte came for ``timeout`` seconds. One timer per
+    request, re-armed only when it fires early; the relay just stamps ``last`` per read."""
+
+    __slots__ = ("_clock", "_handle", "_loop", "_timeout", "_up", "fired", "last")
+
+    def __init__(self, up: aiohttp.ClientResponse, timeout: float, clock: Clock) -> None:
+        self._up, self._timeout, self._clock = up, timeout, clock
+        self._loop = asyncio.get_running_loop()
+        self.last = clock()
+        self.fired = False
+        self._handle = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        idle = self._clock() - self.last
+        if idle >= self._timeout:
+            self.fired = True
+            self._up.close()  # the pending read ends; the relay sees `fired`
+        else:
+            self._handle = self._loop.call_later(self._timeout - idle, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _with_usage(body: dict[str, Any]) -> bytes:

@@ -16,9 +16,18 @@ from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as genai
 from opentelemetry.semconv.attributes import error_attributes, server_attributes
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
 
 from exporter import __version__
 
@@ -31,7 +40,8 @@ ATTR_PHASE_SOURCE = "llm_exporter.phase.source"
 ATTR_FINISH = "llm_exporter.finish_reason"
 
 
-def provider_from_env(environ: Mapping[str, str]) -> TracerProvider:
+def provider_from_env(environ: Mapping[str, str]) -> tuple[TracerProvider, bool]:
+    """The provider, and whether it exports anything (if not, spans need not be recorded)."""
     provider = TracerProvider(resource=Resource.create(
         {"service.name": environ.get("OTEL_SERVICE_NAME", "llm-exporter"),
          "service.version": __version__}))
@@ -43,17 +53,34 @@ def provider_from_env(environ: Mapping[str, str]) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
+        return provider, True
+    return provider, False
 
 
 class RequestTracer:
-    def __init__(self, provider: trace.TracerProvider, capture_content: bool = False) -> None:
+    """``recording=False`` (nothing exports spans) builds no SDK spans at all: each request
+    still gets its own span id in the client's trace (or a new one), so exemplars and the
+    ``traceparent`` sent upstream work, at a fraction of the cost."""
+
+    def __init__(self, provider: trace.TracerProvider, capture_content: bool = False,
+                 recording: bool = True) -> None:
         self._tracer = provider.get_tracer("llm-exporter", __version__)
         self.capture_content = capture_content
+        self.recording = recording
+        self._ids = RandomIdGenerator()
 
     def start(self, headers: Mapping[str, str], operation: str, model: str, start_ns: int,
               attributes: Mapping[str, Any]) -> Span:
         ctx = extract(headers)
+        if not self.recording:
+            parent = trace.get_current_span(ctx).get_span_context()
+            if parent.is_valid:
+                return NonRecordingSpan(SpanContext(
+                    parent.trace_id, self._ids.generate_span_id(), False,
+                    parent.trace_flags, parent.trace_state))
+            return NonRecordingSpan(SpanContext(
+                self._ids.generate_trace_id(), self._ids.generate_span_id(), False,
+                TraceFlags(TraceFlags.SAMPLED)))
         return self._tracer.start_span(
             f"{operation} {model}", context=ctx, kind=SpanKind.SERVER, start_time=start_ns,
             attributes={genai.GEN_AI_OPERATION_NAME: operation, **attributes})

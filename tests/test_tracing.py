@@ -103,8 +103,9 @@ def test_provider_exports_only_when_configured() -> None:
     from exporter.tracing import provider_from_env
 
     def processors(env: dict[str, str]) -> int:
-        p = provider_from_env(env)
+        p, exporting = provider_from_env(env)
         n = len(p._active_span_processor._span_processors)
+        assert exporting == bool(n)
         p.shutdown()
         return n
 
@@ -114,3 +115,26 @@ def test_provider_exports_only_when_configured() -> None:
                        "OTEL_TRACES_EXPORTER": "none"}) == 0
     assert processors({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9/v1/traces",
                        "OTEL_SDK_DISABLED": "true"}) == 0
+
+
+async def test_without_an_exporter_no_spans_are_built_but_ids_still_flow() -> None:
+    """Nothing exports spans: the sidecar builds none, yet the upstream still gets a child
+    span id in the client's trace and the exemplars carry that trace id."""
+    from exporter.metrics import Outcome
+
+    async with SyntheticUpstream(Script(ttft=0, itl=0.002, tokens=3)) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        sc.sidecar.instrumentation.tracer.recording = False
+        seen: list[Outcome] = []
+        real = sc.sidecar.metrics.record
+        sc.sidecar.metrics.record = lambda o: (seen.append(o), real(o))  # type: ignore
+        headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+        async with s.post(sc.url + CHAT, json=payload(), headers=headers) as r:
+            await r.read()
+        async with s.post(sc.url + CHAT, json=payload()) as r:
+            await r.read()
+        assert sc.finished_spans() == []
+        first, second = (rec.headers["traceparent"].split("-") for rec in up.requests)
+        assert first[1] == CLIENT_TRACE and first[2] != CLIENT_SPAN and first[3] == "01"
+        assert second[1] != CLIENT_TRACE and int(second[1], 16) and second[3] == "01"
+        assert [o.trace_id for o in seen] == [CLIENT_TRACE, second[1]]

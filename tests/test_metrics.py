@@ -1,0 +1,28 @@
+"""The recorder's shortcuts must be exact: many observations in one step equal as many
+``observe()`` calls, bucket by bucket, boundaries included."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from exporter.metrics import _observe_many
+
+BOUNDS = (0.001, 0.01, 0.1, 1.0)
+
+
+def exposition(registry: CollectorRegistry) -> dict[tuple[str, str | None], float]:
+    return {(s.name, s.labels.get("le")): s.value for m in registry.collect()
+            for s in m.samples if not s.name.endswith("_created")}
+
+
+@pytest.mark.parametrize("value", [0.0005, 0.001, 0.0011, 0.01, 0.05, 1.0, 2.5])
+@pytest.mark.parametrize("count", [0, 1, 7])
+def test_observe_many_equals_repeated_observe(value: float, count: int) -> None:
+    one, many = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("x_seconds", "x", registry=one, buckets=BOUNDS)
+    h2 = Histogram("x_seconds", "x", registry=many, buckets=BOUNDS)
+    for _ in range(count):
+        h1.observe(value)
+    _observe_many(h2, value, count)
+    assert exposition(one) == pytest.approx(exposition(many))
