@@ -240,7 +240,8 @@ ENGINE_BUSY = MetricSpec(
 # --- Engine signals, normalised across engines ---------------------------------------------------
 ENGINE_UP = MetricSpec(
     PREFIX + "engine_metrics_up", Kind.GAUGE,
-    "1 when the upstream's /metrics was scraped and recognised on this scrape.", (ENGINE,),
+    "1 when the upstream's /metrics (or the embedded engine's /engine/stats) was scraped and "
+    "recognised on this scrape.", (ENGINE,),
     group="engine")
 ENGINE_WAITING = MetricSpec(
     PREFIX + "engine_requests_waiting", Kind.GAUGE, "Requests waiting in the engine's queue.",

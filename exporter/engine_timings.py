@@ -37,6 +37,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from exporter.timeline import EngineTimings
 
 SOURCE = "engine_timings"
@@ -78,8 +80,10 @@ def _ms(value: Any) -> float | None:
 
 def _header(headers: Mapping[str, str], name: str) -> Any:
     try:
-        # Case-insensitive mappings (aiohttp's CIMultiDict) answer directly; plain dicts may
-        # carry any case.
+        # Case-insensitive mappings (aiohttp's CIMultiDict) answer directly, absent or not;
+        # plain dicts may carry any case. This runs on every response: keep it cheap.
+        if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+            return headers.get(name)
         if name in headers:
             return headers[name]
         for key, value in headers.items():

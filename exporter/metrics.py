@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from exporter import __version__
 from exporter import catalogue as c
@@ -170,9 +172,9 @@ class SidecarMetrics:
         child(self.requests, o.model, o.operation, stream, o.status_class,
               o.finish_reason).inc()
         if iv.e2e is not None:
-            child(self.duration, *lat, stream).observe(iv.e2e, ex)
+            _observe_one(child(self.duration, *lat, stream), iv.e2e, ex)
         if iv.queue is not None:
-            child(self.queue, *lat).observe(iv.queue, ex)
+            _observe_one(child(self.queue, *lat), iv.queue, ex)
         ok = o.status_class == "2xx" and o.finish_reason not in ("cancelled", "error")
         if not ok:
             return
@@ -180,7 +182,7 @@ class SidecarMetrics:
                               (self.prefill, iv.prefill), (self.decode, iv.decode),
                               (self.engine_queue, iv.engine_queue)):
             if value is not None:
-                child(metric, *lat).observe(value, ex)
+                _observe_one(child(metric, *lat), value, ex)
         if iv.itl:
             # One observation per token (as SGLang does); the exemplar rides on the last.
             itl = child(self.itl, *lat)
@@ -188,23 +190,38 @@ class SidecarMetrics:
             for value, n in rest:
                 _observe_many(itl, value, n)
             _observe_many(itl, last, count - 1)
-            itl.observe(last, ex)
+            _observe_one(itl, last, ex)
         for phase, value in (("prefill", iv.prefill), ("decode", iv.decode),
                              ("engine_queue", iv.engine_queue)):
             if value is not None:
                 child(self.phase_source, phase, iv.phase_source).inc()
         if o.input_tokens is not None:
             child(self.input_tokens, o.model).inc(o.input_tokens)
-            child(self.input_per_request, *lat).observe(o.input_tokens)
+            _observe_one(child(self.input_per_request, *lat), o.input_tokens, None)
         if o.output_tokens is not None:
             child(self.output_tokens, o.model).inc(o.output_tokens)
-            child(self.output_per_request, *lat).observe(o.output_tokens)
+            _observe_one(child(self.output_per_request, *lat), o.output_tokens, None)
         child(self.token_source, "input", o.input_source).inc()
         child(self.token_source, "output", o.output_source).inc()
         for slo, value in (("ttft", iv.ttft), ("tpot", iv.tpot), ("e2e", iv.e2e)):
             limit = self.slo.threshold_for(slo, o.model) if value is not None else None
             if limit and value is not None:
                 child(self.slo_requests, o.model, slo, "good" if value <= limit else "bad").inc()
+
+
+def _observe_one(h: Any, value: float, exemplar: dict[str, str] | None) -> None:
+    """``h.observe(value, exemplar)`` without re-validating our own exemplar's labels and
+    walking every bucket: one bisect, two increments (a fifth of the cost per request)."""
+    try:
+        bounds, buckets, total = h._upper_bounds, h._buckets, h._sum
+    except AttributeError:
+        h.observe(value, exemplar)
+        return
+    i = bisect.bisect_left(bounds, value)
+    buckets[i].inc(1)
+    total.inc(value)
+    if exemplar is not None:
+        buckets[i].set_exemplar(Exemplar(exemplar, value, time.time()))
 
 
 def _observe_many(h: Any, value: float, count: int) -> None:

@@ -262,7 +262,7 @@ def parse_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
         return req
     try:
         req.ParseFromString(body)
-    except (DecodeError, RuntimeWarning) as e:
+    except DecodeError as e:
         raise ValueError(str(e)) from e
     return req
 

@@ -246,7 +246,7 @@ class Proxy:
             send = body
             self._parse_request(ex, body)
             if ex.injected_usage and ex.body is not None:
-                send = _with_usage(ex.body)
+                send = _with_usage(body, ex.body)
         extra = self._guard("started", self.hooks.started, ex) or {}
         headers = _forward_headers(request.headers, _REQUEST_DROP)
         for k in extra:
@@ -443,7 +443,15 @@ class _Watchdog:
         self._handle.cancel()
 
 
-def _with_usage(body: dict[str, Any]) -> bytes:
+def _with_usage(raw: bytes, body: dict[str, Any]) -> bytes:
+    """The client's request asking for the usage chunk. Usually a splice before the closing
+    brace, keeping every byte the client sent; re-encoded only when stream_options exists."""
+    if b'"stream_options"' not in raw:
+        end = raw.rstrip().rfind(b"}")
+        if end > 0:
+            head = raw[:end].rstrip()
+            sep = b"" if head.endswith(b"{") else b","
+            return head + sep + b'"stream_options":{"include_usage":true}' + raw[end:]
     opts = dict(body.get("stream_options") or {})
     opts["include_usage"] = True
     return json.dumps({**body, "stream_options": opts}, ensure_ascii=False,

@@ -117,16 +117,21 @@ def derive(tl: Timeline, output_tokens: int | None,
     itl: list[tuple[float, int]] = []
     times = tl.chunk_times
     if len(times) > 1:
-        # Tokens per content event: exact when every event is one token (the common case),
+        # Tokens per read: exact when every content event is one token (the common case),
         # else the exact total spread evenly over events.
         n_events = tl.content_events
         tokens = output_tokens if output_tokens is not None else n_events
-        per_event = spread(tokens, n_events)
-        pos = tl.chunk_events[0]
-        for i in range(1, len(times)):
-            k = tl.chunk_events[i]
-            n = sum(per_event[pos:pos + k])
-            pos += k
+        if tokens == n_events:
+            counts = tl.chunk_events
+        else:
+            per_event = spread(tokens, n_events)
+            counts, pos = [], 0
+            for k in tl.chunk_events:
+                counts.append(sum(per_event[pos:pos + k]))
+                pos += k
+        prev = times[0]
+        for t, n in zip(times[1:], counts[1:], strict=True):
             if n > 0:
-                itl.append(((times[i] - times[i - 1]) / n, n))
+                itl.append(((t - prev) / n, n))
+            prev = t
     return Intervals(queue, ttft, prefill, decode, e2e, tpot, engine_queue, tuple(itl), source)

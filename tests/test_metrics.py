@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from exporter.metrics import _observe_many
+from exporter.metrics import _observe_many, _observe_one
 
 BOUNDS = (0.001, 0.01, 0.1, 1.0)
 
@@ -26,3 +26,20 @@ def test_observe_many_equals_repeated_observe(value: float, count: int) -> None:
         h1.observe(value)
     _observe_many(h2, value, count)
     assert exposition(one) == pytest.approx(exposition(many))
+
+
+@pytest.mark.parametrize("value", [0.0005, 0.001, 0.0011, 0.01, 0.05, 1.0, 2.5])
+def test_observe_one_equals_observe_with_the_exemplar_on_the_same_bucket(value: float) -> None:
+    one, fast = CollectorRegistry(), CollectorRegistry()
+    h1 = Histogram("x_seconds", "x", registry=one, buckets=BOUNDS)
+    h2 = Histogram("x_seconds", "x", registry=fast, buckets=BOUNDS)
+    ex = {"trace_id": "0af7651916cd43dd8448eb211c80319c"}
+    h1.observe(value, ex)
+    _observe_one(h2, value, ex)
+    assert exposition(one) == pytest.approx(exposition(fast))
+
+    def exemplars(r: CollectorRegistry) -> list[tuple[str | None, dict[str, str], float]]:
+        return [(s.labels.get("le"), s.exemplar.labels, s.exemplar.value)
+                for m in r.collect() for s in m.samples if s.exemplar is not None]
+
+    assert exemplars(one) == exemplars(fast) and len(exemplars(fast)) == 1

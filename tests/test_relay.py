@@ -325,3 +325,27 @@ async def test_no_task_or_connection_left_after_1000_requests() -> None:
         total = sum(v.value for m in sc.registry.collect() if m.name == "llm_exporter_requests"
                     for v in m.samples if v.name.endswith("_total"))
         assert total == 1050
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"m","stream":true,"messages":[{"role":"user","content":"a}"}]}',
+    b'{\n  "model": "m",\n  "stream": true,\n  "messages": []\n}\n',
+    b'{"model":"m","stream":true,"stream_options":{"foo":1},"messages":[]}',
+    b'{"stream":true}',
+])
+async def test_injected_usage_keeps_the_clients_bytes(raw: bytes) -> None:
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=2)) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        sc.sidecar.proxy.usage_mode = "inject"
+        async with s.post(sc.url + CHAT, data=raw,
+                          headers={"Content-Type": "application/json"}) as r:
+            assert b'"usage"' not in await r.read()
+        sent = up.requests[-1].body
+        obj, orig = json.loads(sent), json.loads(raw)
+        assert obj.pop("stream_options") == {**orig.pop("stream_options", {}),
+                                             "include_usage": True}
+        assert obj == orig
+        if b"stream_options" not in raw:  # a splice: the client's own bytes are all there
+            brace = raw.rstrip().rfind(b"}")
+            assert sent.startswith(raw[:brace].rstrip())  # everything before the last brace
+            assert sent.endswith(raw[brace:])  # the brace and what trailed it
