@@ -1,22 +1,35 @@
 """The engine's queue and batch loop, on one worker thread so torch never blocks the event loop.
 
-Requests wait in a bounded FIFO queue. Whenever the model is idle the worker admits up to
-``max_batch`` of them as one batch: one left-padded prefill forward for all of them, then one
-batched decode step per token; rows that finish (stop token, stop string, length, client gone)
-leave the KV cache at once, so the step gets cheaper as the batch drains. Requests arriving while
-a batch runs wait for the next one (batch-at-a-time, not continuous joining): simple, exact to
-time, and on CPU the decode step is what costs. transformers' own continuous batching was
-measured first and rejected for CPU (see the engine README section / the issue notes).
+Requests wait in a bounded FIFO queue. The worker runs **iteration-level (continuous)
+batching**: before every decode step it admits waiting requests, up to ``max_batch`` rows in
+all, prefills them together (one left-padded forward), samples their first tokens and merges
+their KV caches into the running batch (:mod:`exporter.engine.kvbatch`); then one batched decode
+step gives every row its next token. Rows that finish (stop token, stop string, length, client
+gone) leave the cache at once. A request arriving mid-batch so waits one step, not a whole batch.
+
+Merging is exact, not approximate: pads sit only left of each row's first real token and each
+row keeps its own position ids, so a row sees what it would see alone (greedy tokens equal solo
+``generate()`` for float32 models, full and sliding-window attention alike; pinned in
+``tests/test_engine_batching.py``). bf16 rows in a batch can still differ slightly from solo
+runs, as with any padded batch. Models whose cache layers are not plain dynamic or
+sliding-window layers (see :func:`~exporter.engine.kvbatch.unmergeable`) fall back, with a log
+line at start, to batch-at-a-time: requests arriving while a batch runs wait for the next one.
+transformers' own continuous batching was measured first and rejected for CPU (see the engine
+README section / the issue notes).
 
 Phase definitions (``perf_counter`` on the worker thread; all per request):
 
-- ``queue``    = submit → its batch is admitted (time spent waiting in the engine queue).
-- ``prompt``   = admission → first token sampled (the batch's prefill forward plus sampling;
-  shared by the batch's requests, as prefill really is).
-- ``predicted``= first token sampled → last token sampled (the decode steps).
+- ``queue``    = submit → admitted to a prefill group (time spent waiting in the engine queue).
+- ``prompt``   = admission → first token sampled (its group's prefill forward plus sampling;
+  shared by the group's requests, as prefill really is).
+- ``predicted``= first token sampled → last token sampled (the decode steps; they include the
+  prefills of requests that join meanwhile, which stall the batch for one forward).
 - ``predicted_n`` counts every generated token, the first one and a final stop token included,
   and equals ``usage.completion_tokens``; ``predicted_per_token_ms`` = predicted_ms /
   predicted_n, as llama.cpp computes it.
+- ``batch_size`` = the most rows the request was computed with (its prefill group or a decode
+  step). ``/engine/stats``: ``batches`` counts prefill groups, ``max_batch_seen`` the largest
+  row count, ``running`` the rows now in the batch (or being prefilled).
 """
 
 from __future__ import annotations
@@ -100,6 +113,8 @@ class _Row:
     emitted: int = 0  # characters of decoded text already sent
     text: str = ""
     done: str = ""
+    t_admit: float = 0.0
+    batch_max: int = 1  # most rows it was computed with
     t_first: float = 0.0
     t_last: float = 0.0
 
@@ -118,6 +133,9 @@ class Scheduler:
         self.batches = 0
         self.max_batch_seen = 0
         self.completed = 0
+        self.continuous = True  # settled by _warm_up from the model's cache layers
+        self._rows: list[_Row] = []  # worker thread only: the running batch's rows, in order
+        self._batch: Any = None  # worker thread only: their KVBatch
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # --- the asyncio side ---
@@ -159,81 +177,141 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._rows and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping:  # finish the running rows, admit nobody
                     for h in self._waiting:
                         h.put(RuntimeError("engine shutting down"))
-                    return
-                batch = [self._waiting.popleft()
-                         for _ in range(min(self.max_batch, len(self._waiting)))]
-                self.running = len(batch)
+                    self._waiting.clear()
+                    if not self._rows:
+                        return
+                room = self.max_batch - len(self._rows)
+                if self._rows and not self.continuous:
+                    room = 0
+                group = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                self.running = len(self._rows) + len(group)
             t0 = time.perf_counter()
             try:
-                self._run_batch(batch)
-            except Exception as e:  # a failed batch fails its requests, not the engine
-                for h in batch:
-                    h.put(e)
+                if group:
+                    self._admit(group, t0)
+                if self._rows:
+                    self._decode()
             finally:
                 self.busy_seconds += time.perf_counter() - t0
-                self.running = 0
+                self.running = len(self._rows)
 
     def _warm_up(self) -> None:
-        import torch
+        """One forward before serving; its cache tells whether rows can join a running batch."""
+        import sys
 
-        with torch.inference_mode():
-            ids = torch.tensor([[self.tok.pad_token_id or 0] * 4], device=self.device)
-            self.model(input_ids=ids)
-
-    def _run_batch(self, batch: list[Handle]) -> None:
         import torch
         from transformers import DynamicCache
 
-        t_admit = time.perf_counter()
-        rows = [_Row(h) for h in batch]
-        n = len(rows)
-        self.batches += 1
-        self.max_batch_seen = max(self.max_batch_seen, n)
-        width = max(len(h.req.prompt_ids) for h in batch)
-        pad = self.tok.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (width - len(h.req.prompt_ids)) + h.req.prompt_ids
-                                  for h in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(h.req.prompt_ids)) + [1] * len(h.req.prompt_ids)
-                             for h in batch], device=self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from exporter.engine.kvbatch import unmergeable
+
         cache = DynamicCache(config=self.model.config)
-        active = list(range(n))  # row index for each batch position still in the cache
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                                past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1, :]
-            while True:
-                tokens = self._sample(logits, [rows[i].handle.req for i in active])
-                now = time.perf_counter()
-                keep = []
-                for b, i in enumerate(active):
-                    row = rows[i]
-                    if not row.ids:
-                        row.t_first = now
-                    row.t_last = now
-                    row.ids.append(tokens[b])
-                    self._advance(row)
-                    if row.done:
-                        self._finish(row, t_admit, n)
-                    else:
-                        keep.append(b)
-                if not keep:
-                    return
-                if len(keep) < len(active):
-                    idx = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(idx)
-                    mask, pos = mask[idx], pos[idx]
-                    active = [active[b] for b in keep]
-                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
-                pos = pos[:, -1:] + 1
-                step = torch.tensor([[rows[i].ids[-1]] for i in active], device=self.device)
+            ids = torch.tensor([[self.tok.pad_token_id or 0] * 4], device=self.device)
+            self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        why = unmergeable(cache)
+        self.continuous = why is None
+        mode = ("continuous batching (requests join the running batch between decode steps)"
+                if why is None else f"static batching: {why} cannot be merged, so requests "
+                "arriving while a batch runs wait for the next batch")
+        print(f"llm-exporter engine: {mode}", file=sys.stderr, flush=True)
+
+    def _admit(self, group: list[Handle], t_admit: float) -> None:
+        """Prefill ``group`` as one left-padded batch, sample its first tokens, merge the rest."""
+        import torch
+        from transformers import DynamicCache
+
+        from exporter.engine.kvbatch import KVBatch
+
+        rows = [_Row(h, t_admit=t_admit, batch_max=len(group)) for h in group]
+        self.batches += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(self._rows) + len(group))
+        try:
+            width = max(len(h.req.prompt_ids) for h in group)
+            pad = self.tok.pad_token_id or 0
+            input_ids = torch.tensor([[pad] * (width - len(h.req.prompt_ids)) + h.req.prompt_ids
+                                      for h in group], device=self.device)
+            mask = torch.tensor([[0] * (width - len(h.req.prompt_ids))
+                                 + [1] * len(h.req.prompt_ids) for h in group],
+                                device=self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                                    past_key_values=cache, use_cache=True,
+                                    logits_to_keep=1).logits[:, -1, :]
+            keep = self._emit(rows, logits)
+        except Exception as e:  # a failed prefill fails its group, not the running batch
+            for h in group:
+                h.put(e)
+            return
+        if not keep:
+            return
+        try:
+            fresh = KVBatch(cache, mask)
+            if len(keep) < len(rows):
+                fresh.select(keep)
+            if self._batch is None:
+                self._batch = fresh
+            else:
+                self._batch.merge(fresh)
+        except Exception as e:
+            self._fail_all(e)
+            for i in keep:
+                rows[i].handle.put(e)
+            return
+        self._rows += [rows[i] for i in keep]
+
+    def _decode(self) -> None:
+        """One batched decode step: every row gets its next token; finished rows leave."""
+        import torch
+
+        batch = self._batch
+        assert batch is not None
+        try:
+            n = len(self._rows)
+            for row in self._rows:
+                row.batch_max = max(row.batch_max, n)
+            mask, pos = batch.step_inputs()
+            step = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
+            with torch.inference_mode():
                 logits = self.model(input_ids=step, attention_mask=mask, position_ids=pos,
-                                    past_key_values=cache, use_cache=True).logits[:, -1, :]
+                                    past_key_values=batch.cache, use_cache=True).logits[:, -1, :]
+            keep = self._emit(self._rows, logits)
+            if not keep:
+                self._rows, self._batch = [], None
+            elif len(keep) < n:
+                batch.select(keep)
+                self._rows = [self._rows[i] for i in keep]
+        except Exception as e:  # a failed step fails the batch's requests, not the engine
+            self._fail_all(e)
+
+    def _fail_all(self, e: Exception) -> None:
+        for row in self._rows:
+            row.handle.put(e)
+        self._rows, self._batch = [], None
+
+    def _emit(self, rows: list[_Row], logits: Any) -> list[int]:
+        """Sample a token per row, stream it, finish done rows; the indices of rows going on."""
+        tokens = self._sample(logits, [row.handle.req for row in rows])
+        now = time.perf_counter()
+        keep = []
+        for b, row in enumerate(rows):
+            if not row.ids:
+                row.t_first = now
+            row.t_last = now
+            row.ids.append(tokens[b])
+            self._advance(row)
+            if row.done:
+                self.running -= 1  # before the reply leaves, so /engine/stats agrees with it
+                self._finish(row)
+            else:
+                keep.append(b)
+        return keep
 
     def _sample(self, logits: Any, reqs: list[GenRequest]) -> list[int]:
         import torch
@@ -280,10 +358,10 @@ class Scheduler:
             h.put(text[row.emitted:safe])
             row.emitted = safe
 
-    def _finish(self, row: _Row, t_admit: float, batch_size: int) -> None:
+    def _finish(self, row: _Row) -> None:
         h = row.handle
-        t = Timings(queue_ms=(t_admit - h.t_submit) * 1000, prompt_n=len(h.req.prompt_ids),
-                    prompt_ms=(row.t_first - t_admit) * 1000, predicted_n=len(row.ids),
-                    predicted_ms=(row.t_last - row.t_first) * 1000, batch_size=batch_size)
+        t = Timings(queue_ms=(row.t_admit - h.t_submit) * 1000, prompt_n=len(h.req.prompt_ids),
+                    prompt_ms=(row.t_first - row.t_admit) * 1000, predicted_n=len(row.ids),
+                    predicted_ms=(row.t_last - row.t_first) * 1000, batch_size=row.batch_max)
         self.completed += 1
         h.put(Finished(row.done, row.text, t))
