@@ -123,8 +123,11 @@ class Instrumentation(Hooks):
                 counted = await asyncio.get_running_loop().run_in_executor(
                     None, self._count, ex, result)
             if need_span and self.spans is not None:
-                trace_id = int(self.tracer.trace_id(ex.span) or "0", 16)
-                result.engine = await self.spans.wait(trace_id, self.span_wait)
+                # The engine's span is the child of ours: match on both ids, so two requests
+                # of one client trace never take each other's figures.
+                ctx = ex.span.get_span_context()
+                result.engine = await self.spans.wait(ctx.trace_id, self.span_wait,
+                                                      span_id=ctx.span_id)
         except Exception as e:
             self.metrics.instrumentation_error("deferred finish", e)
         self._record(ex, result, counted)

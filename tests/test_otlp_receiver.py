@@ -346,3 +346,41 @@ async def test_sdk_otlp_http_exporter_feeds_the_store(
     # Both exporters (plain and gzip) delivered: one claimed, the duplicate still stored.
     assert store.take(TRACE, PARENT) == EXPECTED
     assert errors == []
+
+
+async def test_sidecar_matches_engine_spans_by_its_own_span_id() -> None:
+    """Two requests in one client trace: each gets the engine figures whose parent is its
+    own server span (the span the sidecar passed upstream)."""
+    import socket
+
+    import aiohttp
+
+    from exporter.timeline import EngineTimings
+    from tests.harness import running_sidecar
+    from tests.upstream import Script, SyntheticUpstream
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with SyntheticUpstream(Script(ttft=0, itl=0.001, tokens=3)) as up, \
+            running_sidecar(up.url, otlp_receiver_port=port, engine_span_wait=5.0) as sc, \
+            aiohttp.ClientSession() as s:
+        assert sc.sidecar.spans is not None
+        seen = []
+        real = sc.sidecar.metrics.record
+        sc.sidecar.metrics.record = lambda o: (seen.append(o), real(o))  # type: ignore
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        for model, parent in (("m1", "00f067aa0ba902b7"), ("m2", "00f067aa0ba902b8")):
+            body = {"model": model, "stream": True,
+                    "messages": [{"role": "user", "content": "x"}]}
+            async with s.post(sc.url + "/v1/chat/completions", json=body,
+                              headers={"traceparent": f"00-{trace}-{parent}-01"}) as r:
+                await r.read()
+        sent = [rec.headers["traceparent"].split("-")[2] for rec in up.requests]
+        # The engine reports in the reverse order, each naming its parent (our span).
+        for i, span_hex in reversed(list(enumerate(sent))):
+            sc.sidecar.spans.add(int(trace, 16), EngineTimings(
+                "engine_span", queue=0.1 * (i + 1), prefill=0.01, decode=0.02),
+                parent_span_id=int(span_hex, 16))
+        await sc.settle()
+        assert {o.model: o.intervals.engine_queue for o in seen} == {"m1": 0.1, "m2": 0.2}
