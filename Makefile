@@ -35,7 +35,7 @@ test-vllm: setup
 
 test-llamacpp: setup
 	bash scripts/setup-llamacpp.sh
-	LLM_EXPORTER_TEST_LLAMACPP=1 $(PYTEST) -q -ra -m llamacpp tests
+	$(PYTEST) -q -ra -m llamacpp tests
 
 test-gemma: setup
 	$(PYTEST) -q -ra -m gemma tests
