@@ -52,7 +52,7 @@ GENERATED_TOKENS = "x-generated-tokens"
 TGI_HEADERS = (QUEUE_TIME, INFERENCE_TIME, TIME_PER_TOKEN, PROMPT_TOKENS, GENERATED_TOKENS)
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     """A finite, non-negative number from a JSON value or header text, else None."""
     if isinstance(value, bool):
         return None
@@ -69,12 +69,12 @@ def _number(value: Any) -> float | None:
 
 
 def _count(value: Any) -> int | None:
-    f = _number(value)
+    f = number(value)
     return int(f) if f is not None and f == int(f) else None
 
 
 def _ms(value: Any) -> float | None:
-    f = _number(value)
+    f = number(value)
     return None if f is None else f / 1000.0
 
 

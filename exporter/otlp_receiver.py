@@ -38,6 +38,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from exporter.engine_timings import number
 from exporter.timeline import Clock, EngineTimings
 
 SOURCE = "engine_span"
@@ -171,18 +172,9 @@ def _agree(a: int, b: int) -> bool:
 
 def _value(v: AnyValue) -> float | None:
     kind = v.WhichOneof("value")
-    if kind == "double_value":
-        f = v.double_value
-    elif kind == "int_value":
-        f = float(v.int_value)
-    elif kind == "string_value":
-        try:
-            f = float(v.string_value)
-        except ValueError:
-            return None
-    else:
-        return None
-    return f if math.isfinite(f) and f >= 0 else None
+    if kind in ("double_value", "int_value", "string_value"):
+        return number(getattr(v, kind))
+    return None
 
 
 def timings_from_span(span: Span) -> EngineTimings | None:

@@ -19,6 +19,19 @@ from exporter.app import Sidecar
 from exporter.settings import Settings
 
 
+def spy(obj: Any, name: str) -> list[Any]:
+    """Every argument ``obj.name(arg)`` is called with; the real method still runs."""
+    seen: list[Any] = []
+    real = getattr(obj, name)
+
+    def wrapper(arg: Any) -> Any:
+        seen.append(arg)
+        return real(arg)
+
+    setattr(obj, name, wrapper)
+    return seen
+
+
 @dataclass
 class Running:
     sidecar: Sidecar

@@ -14,6 +14,7 @@ import pytest
 
 from exporter.metrics import Outcome
 from exporter.proxy import Exchange
+from tests import harness
 from tests.harness import Running, running_sidecar
 from tests.upstream import Script, SyntheticUpstream, clock
 
@@ -23,15 +24,7 @@ MS = 1e-3
 
 def spy(sc: Running) -> list[Outcome]:
     """Every Outcome the real recorder sees (it still records)."""
-    seen: list[Outcome] = []
-    real = sc.sidecar.metrics.record
-
-    def record(o: Outcome) -> None:
-        seen.append(o)
-        real(o)
-
-    sc.sidecar.metrics.record = record  # type: ignore[method-assign]
-    return seen
+    return harness.spy(sc.sidecar.metrics, "record")
 
 
 def body(stream: bool = True, words: int = 5, **extra: Any) -> dict[str, Any]:
@@ -54,15 +47,7 @@ async def stream_once(s: aiohttp.ClientSession, url: str, payload: dict[str, Any
 
 def spy_exchanges(sc: Running) -> list[Exchange]:
     """Every finished exchange (raw timeline), as the real instrumentation sees it."""
-    seen: list[Exchange] = []
-    real = sc.sidecar.instrumentation.finished
-
-    def finished(ex: Exchange) -> None:
-        seen.append(ex)
-        real(ex)
-
-    sc.sidecar.instrumentation.finished = finished  # type: ignore[method-assign]
-    return seen
+    return harness.spy(sc.sidecar.instrumentation, "finished")
 
 
 async def test_single_stream_matches_programmed_values_within_2ms() -> None:

@@ -356,7 +356,7 @@ async def test_sidecar_matches_engine_spans_by_its_own_span_id() -> None:
     import aiohttp
 
     from exporter.timeline import EngineTimings
-    from tests.harness import running_sidecar
+    from tests.harness import running_sidecar, spy
     from tests.upstream import Script, SyntheticUpstream
 
     with socket.socket() as sock:
@@ -366,9 +366,7 @@ async def test_sidecar_matches_engine_spans_by_its_own_span_id() -> None:
             running_sidecar(up.url, otlp_receiver_port=port, engine_span_wait=5.0) as sc, \
             aiohttp.ClientSession() as s:
         assert sc.sidecar.spans is not None
-        seen = []
-        real = sc.sidecar.metrics.record
-        sc.sidecar.metrics.record = lambda o: (seen.append(o), real(o))  # type: ignore
+        seen = spy(sc.sidecar.metrics, "record")
         trace = "4bf92f3577b34da6a3ce929d0e0e4736"
         for model, parent in (("m1", "00f067aa0ba902b7"), ("m2", "00f067aa0ba902b8")):
             body = {"model": model, "stream": True,

@@ -7,7 +7,7 @@ import aiohttp
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as genai
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.harness import running_sidecar
+from tests.harness import running_sidecar, spy
 from tests.upstream import Script, SyntheticUpstream
 
 CHAT = "/v1/chat/completions"
@@ -125,9 +125,7 @@ async def test_without_an_exporter_no_spans_are_built_but_ids_still_flow() -> No
     async with SyntheticUpstream(Script(ttft=0, itl=0.002, tokens=3)) as up, \
             running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
         sc.sidecar.instrumentation.tracer.recording = False
-        seen: list[Outcome] = []
-        real = sc.sidecar.metrics.record
-        sc.sidecar.metrics.record = lambda o: (seen.append(o), real(o))  # type: ignore
+        seen: list[Outcome] = spy(sc.sidecar.metrics, "record")
         headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
         async with s.post(sc.url + CHAT, json=payload(), headers=headers) as r:
             await r.read()
