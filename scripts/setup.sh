@@ -19,15 +19,22 @@ extras="dashboards"
 stamp="$VENV/.installed-$(echo "$extras" | tr ',' '-')-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "==> installing llm-exporter[$extras] (torch pinned to the local CPU build)"
-  # torch==2.13.0 in the same command so no other package can pull a CUDA build.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[$extras]"
+  # torch==2.13.0 in the same command so no other package can pull a CUDA build. pip's
+  # warnings about absent local index folders (this machine's pip config) are noise: hidden.
+  set +o pipefail
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[$extras]" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory"
+  status=${PIPESTATUS[0]}
+  set -o pipefail
+  [ "$status" = 0 ] || { echo "pip install failed ($status)" >&2; exit "$status"; }
   touch "$stamp"
 fi
 
 if [ $want_test = 1 ]; then
   need=""
   command -v promtool >/dev/null || need="$need prometheus"
-  command -v alertmanager >/dev/null && [ -x /usr/bin/prometheus-alertmanager -o -x /usr/bin/alertmanager ] || need="$need prometheus-alertmanager"
+  command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null \
+    || need="$need prometheus-alertmanager"
   command -v chromium >/dev/null || need="$need chromium"
   if [ -n "$need" ]; then
     echo "==> apt-get install$need"
