@@ -23,7 +23,7 @@ if [ ! -f "$stamp" ]; then
   # warnings about absent local index folders (this machine's pip config) are noise: hidden.
   set +o pipefail
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[$extras]" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory"
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   status=${PIPESTATUS[0]}
   set -o pipefail
   [ "$status" = 0 ] || { echo "pip install failed ($status)" >&2; exit "$status"; }
