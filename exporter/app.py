@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
-from wsgiref.simple_server import WSGIRequestHandler
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from aiohttp import web
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer, make_server
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from exporter import labels
 from exporter.instrument import Instrumentation

@@ -164,11 +164,11 @@ class Proxy:
         assert self._session is not None, "Proxy.start() was not awaited"
         return self._session
 
-    def upstream_url(self, request: web.Request) -> URL:
+    def upstream_url(self, request: web.BaseRequest) -> URL:
         return URL(self.base + request.raw_path, encoded=True)
 
     # --- request bodies -------------------------------------------------------------------
-    async def _read_body(self, request: web.Request) -> tuple[bytes | None,
+    async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None,
                                                               AsyncIterator[bytes] | None]:
         """The whole body when it is within the parse limit, else a stream of it (untouched)."""
         if not request.body_exists:
@@ -188,13 +188,13 @@ class Proxy:
         return None, _chain(bytes(buf), request.content)
 
     # --- entry point ------------------------------------------------------------------------
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         operation = OPERATIONS.get(request.path) if request.method == hdrs.METH_POST else None
         if operation is None:
             return await self._passthrough(request)
         return await self._llm(request, operation)
 
-    async def _passthrough(self, request: web.Request) -> web.StreamResponse:
+    async def _passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
         body, body_stream = await self._read_body(request)
         headers = _forward_headers(request.headers, _REQUEST_DROP)
         if body_stream is not None and request.content_length is not None:
@@ -231,14 +231,14 @@ class Proxy:
         log.warning("upstream %s unreachable: %s", self.base, e)
         return openai_error(502, f"upstream {self.base} unreachable: {e}", "upstream_unreachable")
 
-    async def _prepare(self, request: web.Request, up: aiohttp.ClientResponse) -> RelayResponse:
+    async def _prepare(self, request: web.BaseRequest, up: aiohttp.ClientResponse) -> RelayResponse:
         resp = RelayResponse(status=up.status, reason=up.reason,
                              headers=_forward_headers(up.headers, _RESPONSE_DROP))
         await resp.prepare(request)
         return resp
 
     # --- LLM routes -------------------------------------------------------------------------
-    async def _llm(self, request: web.Request, operation: str) -> web.StreamResponse:
+    async def _llm(self, request: web.BaseRequest, operation: str) -> web.StreamResponse:
         ex = Exchange(operation, Timeline(self.clock()), self.wall_ns(), request.headers)
         body, body_stream = await self._read_body(request)
         send: bytes | AsyncIterator[bytes] | None = body_stream
@@ -303,12 +303,12 @@ class Proxy:
             ex.injected_usage = self.usage_mode == "inject"
             ex.probe_usage = self.usage_mode == "probe"
 
-    async def _send(self, request: web.Request, headers: CIMultiDict[str],
+    async def _send(self, request: web.BaseRequest, headers: CIMultiDict[str],
                     data: bytes | AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
         return await self.session.request(request.method, self.upstream_url(request),
                                           headers=headers, data=data, allow_redirects=False)
 
-    async def _relay_llm(self, request: web.Request, ex: Exchange, headers: CIMultiDict[str],
+    async def _relay_llm(self, request: web.BaseRequest, ex: Exchange, headers: CIMultiDict[str],
                          send: bytes | AsyncIterator[bytes] | None,
                          original: bytes | None) -> web.StreamResponse:
         ex.timeline.dispatched = self.clock()
@@ -464,6 +464,6 @@ async def _chain(first: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[byte
         yield chunk
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     if request.transport is not None:
         request.transport.close()
