@@ -151,17 +151,30 @@ def _parse_bool(text: str) -> bool:
     raise SettingsError(f"expected a boolean, got {text!r}")
 
 
+# --help shows the flags in these groups, each starting at the named field.
+GROUPS = {"upstream": "the proxy", "slo": "SLOs and histogram buckets",
+          "otlp_receiver_port": "engine-reported timings",
+          "model": "embedded engine (when no --upstream is given)",
+          "engine_pid": "GPU, host and engine collectors, saturation and cost",
+          "log_level": "logging"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per Settings field; its default comes from the environment later."""
+    group: argparse._ArgumentGroup | argparse.ArgumentParser = parser
     for f in dataclasses.fields(Settings):
+        if f.name in GROUPS:
+            group = parser.add_argument_group(GROUPS[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [env {env_name(f.name)}; default: {f.default!r}]"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text,
-                                metavar=f.metadata["metavar"], choices=f.metadata["choices"])
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            metavar = f.metadata["metavar"] or {"int": "N", "float": "X"}.get(kind)
+            group.add_argument(flag, dest=f.name, default=None, help=help_text,
+                               metavar=metavar, choices=f.metadata["choices"])
 
 
 def from_namespace(ns: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
