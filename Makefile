@@ -51,7 +51,8 @@ generate: setup
 	$(PY) scripts/gen_readme.py
 
 lint: setup
-	$(PY) -m ruff check exporter tests bench
+	$(PY) -m ruff check exporter tests bench scripts
+	$(PY) -m mypy exporter
 
 clean:
 	rm -rf .venv .venv-vllm .pytest_cache
