@@ -130,6 +130,18 @@ def _wait_ready(name: str, proc: subprocess.Popen[bytes], url: str, log: Path,
     wait_until(f"{name} to be ready at {url}", ready, timeout=timeout)
 
 
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10) -> None:
+    """TERM every process (last started first), then wait, KILLing what does not exit."""
+    for p in reversed(procs):
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 @contextlib.contextmanager
 def _process(name: str, argv: list[str], log: Path, ready_url: str,
              timeout: float) -> Iterator[None]:
@@ -140,12 +152,7 @@ def _process(name: str, argv: list[str], log: Path, ready_url: str,
         _wait_ready(name, proc, ready_url, log, timeout)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc])
 
 
 @contextlib.contextmanager

@@ -121,13 +121,7 @@ def sidecar(tmp_path: Path) -> Iterator[tuple[str, str]]:
                                                          "/readyz"))
         yield f"http://127.0.0.1:{port}", f"127.0.0.1:{metrics_port}"
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        promstack.stop_processes(procs)
 
 
 def _is(alert: dict[str, Any], model: str, severity: str) -> bool:

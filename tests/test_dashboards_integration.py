@@ -183,13 +183,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             time.sleep(3)  # the last scrapes and rule evaluations
             yield Stack(prom, url, time.time(), seconds, sent)
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        promstack.stop_processes(procs)
 
 
 def _intervals(st: Stack) -> dict[str, str]:
