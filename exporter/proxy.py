@@ -27,6 +27,7 @@ from exporter.settings import Settings
 from exporter.sse import StreamScanner
 from exporter.state import ProxyState
 from exporter.timeline import Clock, Timeline
+from exporter.transport import Pool, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,15 @@ class Proxy:
         self._sem = (asyncio.Semaphore(settings.max_concurrency)
                      if settings.max_concurrency > 0 else None)
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         # "probe": relay the first stream that did not ask for usage untouched and see whether
         # usage comes anyway (some servers always send it); then "inject" or "off".
         self.usage_mode = "probe" if settings.inject_usage else "off"
 
     async def start(self) -> None:
-        # LLM routes time reads with one coarse watchdog per request (_Watchdog): aiohttp's
-        # sock_read re-arms a timer on every chunk. Other routes keep aiohttp's own.
+        # LLM routes go through the lean client (exporter.transport) and time reads with one
+        # coarse watchdog per request (_Watchdog). Other routes keep aiohttp's client.
+        self._pool = Pool(self.base, connect_timeout=self.settings.connect_timeout or None)
         timeout = aiohttp.ClientTimeout(total=None,
                                         connect=self.settings.connect_timeout or None)
         self._passthrough_timeout = aiohttp.ClientTimeout(
@@ -155,6 +158,9 @@ class Proxy:
                                hdrs.CONTENT_TYPE))
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -163,6 +169,11 @@ class Proxy:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "Proxy.start() was not awaited"
         return self._session
+
+    @property
+    def upstream(self) -> Pool:
+        assert self._pool is not None, "Proxy.start() was not awaited"
+        return self._pool
 
     def upstream_url(self, request: web.BaseRequest) -> URL:
         return URL(self.base + request.raw_path, encoded=True)
@@ -231,7 +242,8 @@ class Proxy:
         log.warning("upstream %s unreachable: %s", self.base, e)
         return openai_error(502, f"upstream {self.base} unreachable: {e}", "upstream_unreachable")
 
-    async def _prepare(self, request: web.BaseRequest, up: aiohttp.ClientResponse) -> RelayResponse:
+    async def _prepare(self, request: web.BaseRequest,
+                       up: aiohttp.ClientResponse | Response) -> RelayResponse:
         resp = RelayResponse(status=up.status, reason=up.reason,
                              headers=_forward_headers(up.headers, _RESPONSE_DROP))
         await resp.prepare(request)
@@ -252,8 +264,6 @@ class Proxy:
         for k in extra:
             headers.popall(k, None)
         headers.update(extra)
-        if body_stream is not None and request.content_length is not None:
-            headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
 
         admitted = False
         try:
@@ -304,9 +314,10 @@ class Proxy:
             ex.probe_usage = self.usage_mode == "probe"
 
     async def _send(self, request: web.BaseRequest, headers: CIMultiDict[str],
-                    data: bytes | AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
-        return await self.session.request(request.method, self.upstream_url(request),
-                                          headers=headers, data=data, allow_redirects=False)
+                    data: bytes | AsyncIterator[bytes] | None) -> Response:
+        length = None if isinstance(data, bytes | None) else request.content_length
+        return await self.upstream.request(request.method, request.raw_path, headers.items(),
+                                           data, length)
 
     async def _relay_llm(self, request: web.BaseRequest, ex: Exchange, headers: CIMultiDict[str],
                          send: bytes | AsyncIterator[bytes] | None,
@@ -319,7 +330,7 @@ class Proxy:
             if ex.injected_usage and up.status in (400, 422) and original is not None:
                 # The upstream refused stream_options: ask again exactly as the client did,
                 # and stop asking this upstream if that works.
-                up.release()
+                up.close()
                 ex.injected_usage = False
                 async with asyncio.timeout(timeout):
                     up = await self._send(request, headers, original)
@@ -336,21 +347,20 @@ class Proxy:
         ex.upstream_headers = up.headers
         sse = up.status == 200 and "text/event-stream" in up.headers.get(hdrs.CONTENT_TYPE, "")
         capture = not sse or bool(self._guard("wants_capture", self.hooks.wants_capture, ex))
-        limit = self.settings.parse_limit
         resp: web.StreamResponse | None = None
         watchdog = _Watchdog(up, timeout, self.clock) if timeout else None
         try:
             resp = await self._prepare(request, up)
-            if sse:
-                await self._relay_sse(ex, up, resp, capture, limit, watchdog)
-            else:
-                async for data in up.content.iter_any():
-                    if watchdog is not None:
-                        watchdog.last = self.clock()
-                    await resp.write(data)
-                    ex.capture(data, limit)
-            if watchdog is not None and watchdog.fired:
-                raise TimeoutError("upstream stalled mid-body")
+            write = _client_writer(request, resp, up)
+            scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage) if sse else None
+            up.attach(self._sink(ex, scanner, write, capture, watchdog))
+            await up.run(request.writer.drain)
+            if scanner is not None:
+                tail = scanner.flush()
+                if tail:
+                    write(tail)
+                if ex.probe_usage and self.usage_mode == "probe":
+                    self._settle_usage_mode(scanner)
             ex.timeline.end = self.clock()
             await resp.write_eof()
             return resp
@@ -359,56 +369,61 @@ class Proxy:
             # Returning the prepared response lets aiohttp finish quietly.
             ex.cancelled = True
             return resp if resp is not None else web.Response(status=499)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            timed_out = (watchdog is not None and watchdog.fired) or isinstance(
-                e, aiohttp.ServerTimeoutError | TimeoutError)
+        except (UpstreamError, TimeoutError) as e:
+            timed_out = isinstance(e, TimeoutError)
             ex.error = "upstream_timeout" if timed_out else "upstream_protocol"
             self.hooks.error(ex.error)
             ex.timeline.end = self.clock()
-            up.close()
+            if not timed_out:
+                log.warning("%s", e)
             _abort(request)  # the client sees the stream cut off, as it was upstream
             return resp if resp is not None else web.Response(status=499)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            up.close() if not up.content.at_eof() else up.release()
+            up.close()
 
-    async def _relay_sse(self, ex: Exchange, up: aiohttp.ClientResponse,
-                         resp: web.StreamResponse, capture: bool, limit: int,
-                         watchdog: _Watchdog | None) -> None:
-        """The hot loop: per upstream read, one clock read, one scan, one write."""
-        scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage)
+    def _sink(self, ex: Exchange, scanner: StreamScanner | None, write: Callable[[bytes], None],
+              capture: bool, watchdog: _Watchdog | None) -> Callable[[bytes], None]:
+        """The hot path, run in the event loop's read callback for every upstream read: one
+        clock read, one scan, one write. Nothing here awaits or allocates per token."""
         tl = ex.timeline
         clock = self.clock
-        read = up.content.readany
-        while True:
-            data = await read()
-            if not data:
-                break
+        limit = self.settings.parse_limit
+        if scanner is None:
+            def body(data: bytes) -> None:
+                if watchdog is not None:
+                    watchdog.last = clock()
+                write(data)
+                ex.capture(data, limit)
+            return body
+        feed = scanner.feed
+        error = self.hooks.instrumentation_error
+
+        def sse(data: bytes) -> None:
             t = clock()
             if watchdog is not None:
                 watchdog.last = t
             try:
-                n, out = scanner.feed(data)
+                n, out = feed(data)
             except Exception as e:  # never let measuring cost the client a byte
-                self.hooks.instrumentation_error("sse scan", e)
+                error("sse scan", e)
                 n, out = 0, data
                 scanner.strip_usage = False
             if out:
-                await resp.write(out)
+                write(out)
             if n:
                 tl.content(t, n)
             if capture:
                 ex.capture(data, limit)
-        tail = scanner.flush()
-        if tail:
-            await resp.write(tail)
-        if ex.probe_usage and self.usage_mode == "probe":
-            self.usage_mode = "off" if scanner.usage is not None else "inject"
-            log.info("upstream %s usage on streams unasked; %s", "sends" if
-                     self.usage_mode == "off" else "does not send",
-                     "relaying as is" if self.usage_mode == "off" else
-                     "asking for it (stream_options.include_usage) from now on")
+        return sse
+
+    def _settle_usage_mode(self, scanner: StreamScanner) -> None:
+        self.usage_mode = "off" if scanner.usage is not None else "inject"
+        log.info("upstream %s usage on streams unasked; %s", "sends" if
+                 self.usage_mode == "off" else "does not send",
+                 "relaying as is" if self.usage_mode == "off" else
+                 "asking for it (stream_options.include_usage) from now on")
 
     def _guard(self, where: str, fn: Callable[[Exchange], Any], ex: Exchange) -> Any:
         try:
@@ -424,7 +439,7 @@ class _Watchdog:
 
     __slots__ = ("_clock", "_handle", "_loop", "_timeout", "_up", "fired", "last")
 
-    def __init__(self, up: aiohttp.ClientResponse, timeout: float, clock: Clock) -> None:
+    def __init__(self, up: Response, timeout: float, clock: Clock) -> None:
         self._up, self._timeout, self._clock = up, timeout, clock
         self._loop = asyncio.get_running_loop()
         self.last = clock()
@@ -435,12 +450,32 @@ class _Watchdog:
         idle = self._clock() - self.last
         if idle >= self._timeout:
             self.fired = True
-            self._up.close()  # the pending read ends; the relay sees `fired`
+            self._up.abort(TimeoutError(f"upstream sent nothing for {self._timeout:g} s"))
         else:
             self._handle = self._loop.call_later(self._timeout - idle, self._check)
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+def _client_writer(request: web.BaseRequest, resp: web.StreamResponse,
+                   up: Response) -> Callable[[bytes], None]:
+    """Write body bytes straight to the client's transport once ``resp`` sent its headers,
+    framed as aiohttp framed the response (chunked, or raw when it has a length or the client
+    speaks HTTP/1.0). Reading from the upstream pauses while the client's buffer is full."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the client went away")
+    chunked = resp.headers.get(hdrs.TRANSFER_ENCODING, "").lower() == "chunked"
+    high = transport.get_write_buffer_limits()[1]
+
+    def write(data: bytes) -> None:
+        if transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+        if transport.get_write_buffer_size() > high:
+            up.want_drain()
+    return write
 
 
 def _with_usage(raw: bytes, body: dict[str, Any]) -> bytes:
