@@ -62,7 +62,8 @@ class MetricsServer:
     ``/healthz`` and ``/readyz``, in a thread so a slow collector never stalls the relay."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
-                 ready: Callable[[], tuple[bool, str]]) -> None:
+                 ready: Callable[[], tuple[bool, str]],
+                 before_scrape: Callable[[], None] = lambda: None) -> None:
         metrics = make_wsgi_app(registry)
 
         def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -76,6 +77,7 @@ class MetricsServer:
                                [("Content-Type", "text/plain")])
                 return [why.encode() + b"\n"]
             if path in ("/metrics", "/"):
+                before_scrape()
                 return metrics(environ, start_response)  # type: ignore[no-any-return]
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found: try /metrics, /healthz or /readyz\n"]
@@ -196,8 +198,10 @@ class Sidecar:
             self._runners.append(rrunner)
             self.receiver_port = _bound_port(rrunner)
         try:
-            self._metrics_server = MetricsServer(self.registry, s.metrics_host, s.metrics_port,
-                                                 self.ready)
+            loop = asyncio.get_running_loop()
+            self._metrics_server = MetricsServer(
+                self.registry, s.metrics_host, s.metrics_port, self.ready,
+                before_scrape=lambda: self.instrumentation.flush_from_thread(loop))
         except OSError as e:
             await self.stop()
             raise SettingsError(f"cannot listen on {s.metrics_host}:{s.metrics_port} "

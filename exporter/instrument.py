@@ -1,8 +1,10 @@
 """Turns a finished :class:`~exporter.proxy.Exchange` into metrics and spans.
 
 This is the only module that knows both the relay's view of a request and the exporters'.
-Work that could delay the event loop (a tokenizer, waiting for an engine's span) runs in a
-task after the response has been relayed, never before.
+Nothing here sits on a request's critical path: finished requests are recorded in batches a
+few milliseconds after they end (so the next request a client sends is forwarded first, and
+the recording code runs warm), and work that could delay the event loop (a tokenizer, waiting
+for an engine's span) runs in a task.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,9 @@ from exporter.tracing import (
 
 log = logging.getLogger(__name__)
 
+# How long a finished request waits to be recorded with the others that end meanwhile.
+RECORD_DELAY = 0.005
+
 
 @dataclass(slots=True)
 class _Result:
@@ -57,6 +63,8 @@ class Instrumentation(Hooks):
         self.spans = spans
         self.span_wait = span_wait
         self.pending: set[asyncio.Task[None]] = set()
+        self._batch: list[Exchange] = []
+        self._flush_at: asyncio.TimerHandle | None = None
 
     # --- hooks the relay calls -----------------------------------------------------------------
     def started(self, ex: Exchange) -> dict[str, str]:
@@ -95,6 +103,43 @@ class Instrumentation(Hooks):
         self.metrics.instrumentation_error(where, exc)
 
     def finished(self, ex: Exchange) -> None:
+        self._batch.append(ex)
+        if self._flush_at is None:
+            self._flush_at = asyncio.get_running_loop().call_later(RECORD_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Record every finished request now (the timer does it ``RECORD_DELAY`` after the
+        first of a batch ends; a scrape may see a request that just ended a moment late)."""
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        batch, self._batch = self._batch, []
+        for ex in batch:
+            try:
+                self._finish(ex)
+            except Exception as e:
+                self.metrics.instrumentation_error("finished", e)
+
+    def flush_from_thread(self, loop: asyncio.AbstractEventLoop, timeout: float = 0.1) -> None:
+        """For the scrape thread: have the event loop record what has ended and wait for it
+        (at most ``timeout``), so a scrape includes every request that ended before it."""
+        if not self._batch:
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.flush()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed: nothing will record them now
+            return
+        done.wait(timeout)
+
+    def _finish(self, ex: Exchange) -> None:
         result = self._result(ex)
         need_tokens = self.tokens is not None and ex.body is not None and (
             result.usage is None or not _has(result.usage, "completion_tokens")
@@ -111,6 +156,7 @@ class Instrumentation(Hooks):
 
     async def close(self) -> None:
         """Finish what is pending (bounded by the span wait), at shutdown."""
+        self.flush()
         if self.pending:
             await asyncio.wait(set(self.pending), timeout=self.span_wait + 1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -185,12 +185,7 @@ class SidecarMetrics:
                 _observe_one(child(metric, *lat), value, ex)
         if iv.itl:
             # One observation per token (as SGLang does); the exemplar rides on the last.
-            itl = child(self.itl, *lat)
-            *rest, (last, count) = iv.itl
-            for value, n in rest:
-                _observe_many(itl, value, n)
-            _observe_many(itl, last, count - 1)
-            _observe_one(itl, last, ex)
+            _observe_pairs(child(self.itl, *lat), iv.itl, ex)
         for phase, value in (("prefill", iv.prefill), ("decode", iv.decode),
                              ("engine_queue", iv.engine_queue)):
             if value is not None:
@@ -226,16 +221,38 @@ def _observe_one(h: Any, value: float, exemplar: dict[str, str] | None) -> None:
 
 def _observe_many(h: Any, value: float, count: int) -> None:
     """``count`` observations of ``value`` in one step (one bucket increment, one sum add),
-    as SGLang does; falls back to a loop if prometheus_client's internals ever change."""
-    if count <= 0:
+    as SGLang does."""
+    _observe_pairs(h, ((value, count),), None)
+
+
+def _observe_pairs(h: Any, pairs: Sequence[tuple[float, int]],
+                   exemplar: dict[str, str] | None) -> None:
+    """Observe ``value`` ``count`` times for each pair: one increment per bucket touched and
+    one sum add for the lot (a request's inter-token gaps fall in a handful of buckets), the
+    exemplar on the last value. Falls back to ``observe()`` if prometheus_client's internals
+    ever change."""
+    pairs = [(v, n) for v, n in pairs if n > 0]
+    if not pairs:
         return
     try:
         bounds, buckets, total = h._upper_bounds, h._buckets, h._sum
     except AttributeError:
-        for _ in range(count):
-            h.observe(value)
+        *rest, (last, n) = pairs
+        for value, count in (*rest, (last, n - 1)):
+            for _ in range(count):
+                h.observe(value)
+        h.observe(last, exemplar)
         return
-    buckets[bisect.bisect_left(bounds, value)].inc(count)
-    total.inc(value * count)
-
-
+    per: dict[int, int] = {}
+    added = 0.0
+    for value, count in pairs:
+        i = bisect.bisect_left(bounds, value)
+        per[i] = per.get(i, 0) + count
+        added += value * count
+    for i, count in per.items():
+        buckets[i].inc(count)
+    total.inc(added)
+    if exemplar is not None:
+        last = pairs[-1][0]
+        buckets[bisect.bisect_left(bounds, last)].set_exemplar(
+            Exemplar(exemplar, last, time.time()))

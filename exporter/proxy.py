@@ -444,7 +444,7 @@ class _Watchdog:
         self._loop = asyncio.get_running_loop()
         self.last = clock()
         self.fired = False
-        self._handle = self._loop.call_later(timeout, self._check)
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
 
     def _check(self) -> None:
         idle = self._clock() - self.last
@@ -455,7 +455,9 @@ class _Watchdog:
             self._handle = self._loop.call_later(self._timeout - idle, self._check)
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None  # it holds our bound method: leave no cycle to the collector
 
 
 def _client_writer(request: web.BaseRequest, resp: web.StreamResponse,

@@ -129,9 +129,6 @@ def derive(tl: Timeline, output_tokens: int | None,
             for k in tl.chunk_events:
                 counts.append(sum(per_event[pos:pos + k]))
                 pos += k
-        prev = times[0]
-        for t, n in zip(times[1:], counts[1:], strict=True):
-            if n > 0:
-                itl.append(((t - prev) / n, n))
-            prev = t
+        itl = [((t - prev) / n, n)
+               for prev, t, n in zip(times, times[1:], counts[1:], strict=False) if n > 0]
     return Intervals(queue, ttft, prefill, decode, e2e, tpot, engine_queue, tuple(itl), source)

@@ -125,6 +125,7 @@ class Response:
 
     def close(self) -> None:
         """Give the connection back if the response was read to its end, else close it."""
+        self._sink = None  # the sink holds the relay's state, which holds us: no cycle left
         conn, self._conn = self._conn, None
         if conn is None:
             return

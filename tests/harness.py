@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from exporter.app import Sidecar
 from exporter.settings import Settings
@@ -47,13 +48,24 @@ class Running:
         return f"http://127.0.0.1:{self.sidecar.metrics_port}/metrics"
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        self.recorded()
         v = self.registry.get_sample_value(name, labels or {})
         return 0.0 if v is None else v
 
+    def recorded(self) -> None:
+        """Record the requests that ended: what the sidecar does ``RECORD_DELAY`` later."""
+        self.sidecar.instrumentation.flush()
+
+    def collect(self) -> Iterable[Metric]:
+        self.recorded()
+        return self.registry.collect()
+
     def finished_spans(self) -> list[ReadableSpan]:
+        self.recorded()
         return list(self.spans.get_finished_spans())
 
     def scrape(self, openmetrics: bool = False) -> str:
+        self.recorded()
         req = urllib.request.Request(self.metrics_url)
         if openmetrics:
             req.add_header("Accept", "application/openmetrics-text; version=1.0.0")

@@ -61,6 +61,7 @@ async def test_single_stream_matches_programmed_values_within_2ms() -> None:
         exchanges = spy_exchanges(sc)
         for _ in range(4):
             await stream_once(s, sc.url, body())
+        sc.recorded()
         assert len(seen) == 4
         for o, ex, rec in list(zip(seen, exchanges, up.requests, strict=True))[1:]:
             iv, tl = o.intervals, ex.timeline
@@ -92,6 +93,7 @@ async def test_itl_is_divided_across_the_tokens_a_chunk_carries() -> None:
             aiohttp.ClientSession() as s:
         seen = spy(sc)
         await stream_once(s, sc.url, body(stream_options={"include_usage": True}))
+        sc.recorded()
         iv = seen[0].intervals
         assert [n for _, n in iv.itl] == [3, 3, 3]
         for (value, _), gap in zip(iv.itl, up.requests[0].gaps(), strict=True):
@@ -109,6 +111,7 @@ async def test_16_concurrent_streams_agree_with_the_clients_clock_within_5ms() -
         # Warm 16 pooled connections: connection set-up is on the client's clock, before
         # the request exists for any server.
         await asyncio.gather(*(stream_once(s, sc.url, body()) for _ in range(16)))
+        sc.recorded()
         seen.clear()
         ids = [f"{i + 1:032x}" for i in range(16)]
 
@@ -121,6 +124,7 @@ async def test_16_concurrent_streams_agree_with_the_clients_clock_within_5ms() -
                                      {"traceparent": f"00-{tid}-{i + 1:016x}-01"})
 
         views = await asyncio.gather(*(staggered(i, tid) for i, tid in enumerate(ids)))
+        sc.recorded()
         by_trace = {o.trace_id: o for o in seen}
         assert set(by_trace) == set(ids)
         for tid, view in zip(ids, views, strict=True):
@@ -242,6 +246,7 @@ async def test_sidecar_queue_time_and_gauges() -> None:
         assert "llm_exporter_requests_queued 2.0" in sc.scrape()
         statuses = sorted(await asyncio.gather(*tasks))
         assert statuses == [200, 200, 200, 429]
+        sc.recorded()
         queues = sorted(o.intervals.queue or 0 for o in seen if o.status_class == "2xx")
         assert queues[0] < 0.01
         assert queues[1] == pytest.approx(0.1, abs=0.02)
@@ -263,7 +268,7 @@ async def test_model_label_is_bounded() -> None:
         async with s.post(sc.url + CHAT, json={**body(stream=False), "model": "z"},
                           headers=Script(status=404).header()) as r:
             await r.read()
-        models = {smp.labels["model"] for m in sc.registry.collect()
+        models = {smp.labels["model"] for m in sc.collect()
                   if m.name == "llm_exporter_requests" for smp in m.samples}
         assert models == {"a", "b", "other"}
 
@@ -274,6 +279,7 @@ async def test_non_streaming_has_no_ttft_but_has_e2e_and_tokens() -> None:
         seen = spy(sc)
         async with s.post(sc.url + CHAT, json=body(stream=False)) as r:
             await r.read()
+        sc.recorded()
         iv = seen[0].intervals
         assert iv.ttft is None and iv.tpot is None and iv.e2e is not None
         assert seen[0].output_tokens == 6 and seen[0].output_source == "usage"

@@ -189,7 +189,7 @@ async def test_bad_request_bodies_pass_untouched_and_are_counted() -> None:
             assert b"data: [DONE]" in await r.read()
         assert [r.body for r in up.requests] == [b"{not json", b"\xff\xfe\x00", b"[1,2,3]", b"",
                                                  large]
-        total = sum(v.value for m in sc.registry.collect() if m.name == "llm_exporter_requests"
+        total = sum(v.value for m in sc.collect() if m.name == "llm_exporter_requests"
                     for v in m.samples if v.name.endswith("_total"))
         assert total == 5
         assert sc.value("llm_exporter_errors_total", {"type": "instrumentation"}) == 0
@@ -322,7 +322,7 @@ async def test_no_task_or_connection_left_after_1000_requests() -> None:
         assert sc.sidecar.state.in_flight == 0 and sc.sidecar.state.queued == 0
         assert not sc.sidecar.instrumentation.pending
         assert up.active == 0
-        total = sum(v.value for m in sc.registry.collect() if m.name == "llm_exporter_requests"
+        total = sum(v.value for m in sc.collect() if m.name == "llm_exporter_requests"
                     for v in m.samples if v.name.endswith("_total"))
         assert total == 1050
 
