@@ -447,6 +447,8 @@ class _Watchdog:
         self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
 
     def _check(self) -> None:
+        if self._up.drain_wanted:  # waiting for the client, not for the upstream
+            self.last = self._clock()
         idle = self._clock() - self.last
         if idle >= self._timeout:
             self.fired = True

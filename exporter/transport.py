@@ -130,7 +130,7 @@ class Response:
         if conn is None:
             return
         conn.resp = None
-        if self.complete and self.keep_alive and self.error is None:
+        if self.complete and self.keep_alive and self.error is None and not conn.broken:
             conn.pool._put(conn)
         else:
             conn.close()
@@ -206,6 +206,7 @@ class _Connection(asyncio.Protocol):
         self.resp: Response | None = None
         self.idle_since = 0.0
         self.reused = False
+        self.broken = False  # something on it cannot be trusted: never reuse it
         self._writable: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
@@ -224,10 +225,14 @@ class _Connection(asyncio.Protocol):
         resp.received = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            # Raised in one of our callbacks: by the sink (e.g. the client went away) or on
+            # a second response. llhttp wraps it; the exchange ends with the original.
+            self.broken = True
+            resp.abort(e.__context__ if isinstance(e.__context__, Exception) else e)
         except httptools.HttpParserError as e:
+            self.broken = True
             resp.abort(UpstreamProtocolError(f"malformed response from the upstream: {e}"))
-        except Exception as e:  # raised by the sink (e.g. the client went away)
-            resp.abort(e)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
@@ -246,6 +251,11 @@ class _Connection(asyncio.Protocol):
         self._writable = None
 
     # llhttp callbacks
+    def on_message_begin(self) -> None:
+        if self.resp is None or self.resp.complete:  # bytes after the response: unusable
+            self.broken = True
+            raise UpstreamProtocolError("the upstream sent more than one response")
+
     def on_status(self, status: bytes) -> None:
         if self.resp is not None:
             self.resp._reason += status

@@ -195,7 +195,8 @@ async def test_a_body_stream_of_unknown_length_goes_chunked() -> None:
 
 async def test_a_slow_client_pauses_the_upstream_instead_of_buffering_it() -> None:
     """64 MiB streamed through the sidecar to a client that stops reading: the sidecar must
-    stop reading from the upstream (its memory stays flat), and lose nothing once the client
+    stop reading from the upstream (its memory stays flat), not take the pause for an upstream
+    stall (its read timeout is shorter than the pause), and lose nothing once the client
     reads again."""
     payload = bytes(range(256)) * (256 * 1024)  # 64 MiB
     sent = asyncio.Event()
@@ -212,7 +213,8 @@ async def test_a_slow_client_pauses_the_upstream_instead_of_buffering_it() -> No
             progress[0] = i + step
         sent.set()
 
-    async with raw_server(handler) as (url, _), running_sidecar(url) as sc, \
+    async with raw_server(handler) as (url, _), \
+            running_sidecar(url, upstream_timeout=0.3) as sc, \
             aiohttp.ClientSession() as s:
         async with s.post(sc.url + "/v1/chat/completions", json={"model": "m"}) as r:
             await asyncio.sleep(1.0)  # the client reads nothing for a second
@@ -223,6 +225,7 @@ async def test_a_slow_client_pauses_the_upstream_instead_of_buffering_it() -> No
                 digest.update(chunk)
         assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
         assert sent.is_set()
+        assert sc.value("llm_exporter_errors_total", {"type": "upstream_timeout"}) == 0
 
 
 async def test_an_http10_client_gets_the_body_unframed_then_close() -> None:
@@ -249,3 +252,45 @@ async def test_an_http10_client_gets_the_body_unframed_then_close() -> None:
         head, _, got = raw.partition(b"\r\n\r\n")
         assert b"transfer-encoding" not in head.lower()
         assert got == b"".join(events)
+
+
+async def test_an_error_in_the_sink_ends_the_exchange_with_that_error() -> None:
+    """The relay's sink raises ConnectionResetError when the client went away: the exchange
+    must end with it (a cancellation), not as a malformed upstream response."""
+    async def handler(n: int, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"3\r\nabc\r\n")
+        await reader.read()
+
+    def sink(data: bytes) -> None:
+        raise ConnectionResetError("the client went away")
+
+    async with raw_server(handler) as (url, _):
+        pool = Pool(url)
+        resp = await pool.request("POST", "/", [], b"{}")
+        resp.attach(sink)
+        with pytest.raises(ConnectionResetError):
+            await resp.run(asyncio.sleep)  # type: ignore[arg-type]
+        resp.close()
+        assert pool.open_connections == 0
+
+
+async def test_bytes_after_the_response_make_the_connection_unusable() -> None:
+    async def handler(n: int, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        w.write(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno")
+        await reader.read()
+
+    async with raw_server(handler) as (url, conns):
+        pool = Pool(url)
+        resp = await pool.request("POST", "/", [], b"{}")
+        await asyncio.sleep(0.05)  # both responses are in
+        with contextlib.suppress(UpstreamProtocolError):
+            await body_of(resp)
+        assert pool.open_connections == 0  # closed, not kept for the next request
+        assert await body_of(await pool.request("POST", "/", [], b"{}")) == b"ok"
+        assert len(conns) == 2
+        pool.close()
