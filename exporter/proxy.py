@@ -437,13 +437,12 @@ class _Watchdog:
     """Closes the upstream response when no byte came for ``timeout`` seconds. One timer per
     request, re-armed only when it fires early; the relay just stamps ``last`` per read."""
 
-    __slots__ = ("_clock", "_handle", "_loop", "_timeout", "_up", "fired", "last")
+    __slots__ = ("_clock", "_handle", "_loop", "_timeout", "_up", "last")
 
     def __init__(self, up: Response, timeout: float, clock: Clock) -> None:
         self._up, self._timeout, self._clock = up, timeout, clock
         self._loop = asyncio.get_running_loop()
         self.last = clock()
-        self.fired = False
         self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
 
     def _check(self) -> None:
@@ -451,7 +450,6 @@ class _Watchdog:
             self.last = self._clock()
         idle = self._clock() - self.last
         if idle >= self._timeout:
-            self.fired = True
             self._up.abort(TimeoutError(f"upstream sent nothing for {self._timeout:g} s"))
         else:
             self._handle = self._loop.call_later(self._timeout - idle, self._check)
