@@ -17,11 +17,7 @@ stamp="$VENV/.installed-llama-cpp-python-$VERSION"
 source scripts/venv-lib.sh
 venv_begin "$VENV" "$stamp" "llama-cpp-python $VERSION"
 
-PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "==> [1/3] creating $VENV"
-  "$PY" -m venv "$VENV"
-fi
+venv_create "$VENV" 1/3
 t0=$(date +%s)
 echo "==> [2/3] pip install llama-cpp-python[server]==$VERSION"
 echo "    CMAKE_ARGS=$CMAKE_ARGS"

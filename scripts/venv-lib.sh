@@ -18,3 +18,15 @@ venv_begin() {
     if [ -f "$stamp" ]; then echo "==> ready: $venv ($label)"; exit 0; fi
   fi
 }
+
+# venv_create VENV STEP: the venv's interpreter, created with $PYTHON (python3) unless an
+# unfinished install left one; STEP numbers the progress line ("1/3").
+venv_create() {
+  local venv=$1 step=$2
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "==> [$step] creating $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+  else
+    echo "==> [$step] $venv exists (unfinished install): resuming"
+  fi
+}
