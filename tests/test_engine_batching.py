@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from exporter.engine import model as model_mod  # noqa: E402
-from exporter.engine.kvbatch import unmergeable  # noqa: E402
+from exporter.engine.kvbatch import cache_argument, unmergeable  # noqa: E402
 from exporter.engine.scheduler import Finished, GenRequest, Handle, Scheduler  # noqa: E402
 from tests.test_engine_server import serving, wait_for  # noqa: E402
 
@@ -190,8 +190,28 @@ def test_unmergeable_names_caches_it_cannot_merge(llama: model_mod.LoadedModel) 
     dyn = DynamicCache(config=llama.model.config)
     static = StaticCache(config=llama.model.config, max_cache_len=16)
     ids = torch.tensor([[5, 6, 7]])
+    kw = cache_argument(llama.model)
     with torch.inference_mode():
-        llama.model(input_ids=ids, past_key_values=dyn, use_cache=True)
-        llama.model(input_ids=ids, past_key_values=static, use_cache=True)
+        llama.model(input_ids=ids, use_cache=True, **{kw: dyn})
+        llama.model(input_ids=ids, use_cache=True, **{kw: static})
     assert unmergeable(dyn) is None
     assert "StaticCache" in (unmergeable(static) or "")
+
+
+def test_cache_argument_follows_the_installed_transformers(llama: model_mod.LoadedModel) -> None:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    # 5.24 renamed the forward's KV-cache argument; passing the old name warns (an error here).
+    want = "cache" if (major, minor) >= (5, 24) else "past_key_values"
+    assert cache_argument(llama.model) == want
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids: Any = None, past_key_values: Any = None) -> None: ...
+
+    class Odd(torch.nn.Module):
+        def forward(self, input_ids: Any = None) -> None: ...
+
+    assert cache_argument(Old()) == "past_key_values"
+    with pytest.raises(TypeError, match="neither 'cache' nor 'past_key_values'"):
+        cache_argument(Odd())

@@ -15,6 +15,7 @@ linear-attention, KV-shared layers) is named by :func:`unmergeable` and not merg
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -38,6 +39,23 @@ def unmergeable(cache: Any) -> str | None:
         if getattr(layer, "record_past", False):
             return f"cache layer {i} records its past"
     return None
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model.forward`` takes its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name is deprecated, to be
+    removed in 5.40); earlier 5.x releases know only ``past_key_values``. The signature tells
+    (``inspect`` follows the deprecation decorator to the real ``forward``), so the engine passes
+    the current name on every release the range admits and never the deprecated one.
+    """
+    params = inspect.signature(model.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise TypeError(f"{type(model).__name__}.forward takes neither 'cache' nor "
+                    "'past_key_values': the engine cannot pass it a KV cache")
 
 
 class KVBatch:

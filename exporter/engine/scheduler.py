@@ -134,6 +134,7 @@ class Scheduler:
         self.max_batch_seen = 0
         self.completed = 0
         self.continuous = True  # settled by _warm_up from the model's cache layers
+        self._cache_kw = "past_key_values"  # settled by _warm_up: the forward's KV-cache argument
         self._rows: list[_Row] = []  # worker thread only: the running batch's rows, in order
         self._batch: Any = None  # worker thread only: their KVBatch
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -207,12 +208,13 @@ class Scheduler:
         import torch
         from transformers import DynamicCache
 
-        from exporter.engine.kvbatch import unmergeable
+        from exporter.engine.kvbatch import cache_argument, unmergeable
 
+        self._cache_kw = cache_argument(self.model)
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             ids = torch.tensor([[self.tok.pad_token_id or 0] * 4], device=self.device)
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            self.model(input_ids=ids, use_cache=True, **{self._cache_kw: cache})
         why = unmergeable(cache)
         self.continuous = why is None
         mode = ("continuous batching (requests join the running batch between decode steps)"
@@ -242,8 +244,8 @@ class Scheduler:
             cache = DynamicCache(config=self.model.config)
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                                    past_key_values=cache, use_cache=True,
-                                    logits_to_keep=1).logits[:, -1, :]
+                                    use_cache=True, logits_to_keep=1,
+                                    **{self._cache_kw: cache}).logits[:, -1, :]
             keep = self._emit(rows, logits)
         except Exception as e:  # a failed prefill fails its group, not the running batch
             for h in group:
@@ -280,7 +282,8 @@ class Scheduler:
             step = torch.tensor([[row.ids[-1]] for row in self._rows], device=self.device)
             with torch.inference_mode():
                 logits = self.model(input_ids=step, attention_mask=mask, position_ids=pos,
-                                    past_key_values=batch.cache, use_cache=True).logits[:, -1, :]
+                                    use_cache=True,
+                                    **{self._cache_kw: batch.cache}).logits[:, -1, :]
             keep = self._emit(self._rows, logits)
             if not keep:
                 self._rows, self._batch = [], None
