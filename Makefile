@@ -2,7 +2,8 @@
 PY := .venv/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup demo serve test test-fast test-vllm test-llamacpp test-gemma bench generate lint clean
+.PHONY: setup demo serve test test-fast test-vllm test-llamacpp test-gemma test-latest bench generate \
+	lint lock clean
 
 setup:
 	bash scripts/setup.sh test
@@ -50,9 +51,20 @@ generate: setup
 	bash scripts/sync-chart.sh
 	$(PY) scripts/gen_readme.py
 
+# Regenerate the locks in lock/ (exact versions with hashes for every environment the project
+# creates) from pyproject.toml's ranges and lock/*.in. Keeps every pinned version unless asked:
+# `make lock UPGRADE=1` moves everything to the newest the ranges allow, UPGRADE=pkg one package.
+lock:
+	bash scripts/lock.sh $(if $(filter 1,$(UPGRADE)),--upgrade,$(if $(UPGRADE),--upgrade-package $(UPGRADE),))
+
+# The canary, outside CI: the newest versions the ranges allow, in a scratch venv (.venv-latest),
+# then the suite; prints which packages differ from the lock and what failed.
+test-latest:
+	bash scripts/test-latest.sh
+
 lint: setup
 	$(PY) -m ruff check exporter tests bench scripts
 	$(PY) -m mypy exporter
 
 clean:
-	rm -rf .venv .venv-vllm .pytest_cache
+	rm -rf .venv .venv-vllm .venv-grafana .venv-latest .venv-uv .pytest_cache

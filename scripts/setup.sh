@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up everything the project needs on a fresh machine: a virtual environment with the
-# package and its extras, and (for tests) Debian's Prometheus, Alertmanager and promtool.
+# Sets up everything the project needs on a fresh machine: a virtual environment holding exactly
+# the locked packages (lock/engine.txt, or lock/test.txt for tests) and the package itself
+# (editable), and, for tests, Debian's Prometheus, Alertmanager, promtool and Chromium.
 # Idempotent: a second run only checks. Usage: scripts/setup.sh [engine] [test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,25 +10,15 @@ want_test=0; want_engine=0
 for a in "$@"; do case "$a" in test) want_test=1;; engine) want_engine=1;; esac; done
 [ $# -eq 0 ] && want_engine=1
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "==> creating $VENV"
-  python3 -m venv "$VENV"
-fi
-extras="dashboards"
-[ $want_engine = 1 ] && extras="$extras,engine"
-[ $want_test = 1 ] && extras="$extras,engine,test"
-stamp="$VENV/.installed-$(echo "$extras" | tr ',' '-')-$(sha1sum pyproject.toml | cut -c1-12)"
-if [ ! -f "$stamp" ]; then
-  echo "==> installing llm-exporter[$extras] (torch pinned to the local CPU build)"
-  # torch==2.13.0 in the same command so no other package can pull a CUDA build. pip's
-  # warnings about absent local index folders (this machine's pip config) are noise: hidden.
-  set +o pipefail
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[$extras]" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  status=${PIPESTATUS[0]}
-  set -o pipefail
-  [ "$status" = 0 ] || { echo "pip install failed ($status)" >&2; exit "$status"; }
-  touch "$stamp"
+# shellcheck source=scripts/venv-lib.sh
+source scripts/venv-lib.sh
+if [ $want_test = 1 ]; then
+  venv_sync "$VENV" lock/test.txt 1
+elif venv_synced "$VENV" lock/test.txt 1; then
+  # The test set holds the engine set at the same versions: nothing to change.
+  echo "==> ready: $VENV (lock/test.txt, a superset of lock/engine.txt)"
+else
+  venv_sync "$VENV" lock/engine.txt 1
 fi
 
 if [ $want_test = 1 ]; then
@@ -44,4 +35,3 @@ if [ $want_test = 1 ]; then
     $SUDO apt-get install -y -qq --no-install-recommends $need >/dev/null
   fi
 fi
-echo "==> ready: $VENV"
