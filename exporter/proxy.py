@@ -139,8 +139,10 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
         # "probe": relay the first stream that did not ask for usage untouched and see whether
-        # usage comes anyway (some servers always send it); then "inject" or "off".
+        # usage comes anyway (some servers always send it); then "inject" or "off". One probe
+        # at a time: streams arriving while it runs are injected.
         self.usage_mode = "probe" if settings.inject_usage else "off"
+        self._probing = False  # a probe stream is in flight
 
     async def start(self) -> None:
         # LLM routes go through the lean client (exporter.transport) and time reads with one
@@ -291,6 +293,8 @@ class Proxy:
                 self.state.in_flight -= 1
                 if self._sem is not None:
                     self._sem.release()
+            if ex.probe_usage:
+                self._probing = False  # settled, or failed: a later stream probes again
             if ex.timeline.end is None:
                 ex.timeline.end = self.clock()
             if ex.cancelled:
@@ -310,8 +314,12 @@ class Proxy:
         opts = obj.get("stream_options")
         asked = isinstance(opts, dict) and opts.get("include_usage") is True
         if ex.stream and not asked and (opts is None or isinstance(opts, dict)):
-            ex.injected_usage = self.usage_mode == "inject"
-            ex.probe_usage = self.usage_mode == "probe"
+            if self.usage_mode == "probe" and not self._probing:
+                self._probing = ex.probe_usage = True  # one probe at a time
+            else:
+                # While the probe is out, streams ask for usage: their counts stay exact
+                # (an upstream that refuses is asked again as the client asked, below).
+                ex.injected_usage = self.usage_mode != "off"
 
     async def _send(self, request: web.BaseRequest, headers: CIMultiDict[str],
                     data: bytes | AsyncIterator[bytes] | None) -> Response:

@@ -226,3 +226,29 @@ async def test_errors_are_openai_shaped(loaded: model_mod.LoadedModel) -> None:
         models = await (await s.get(url + "/v1/models")).json()
         assert models["data"][0]["id"] == "tiny"
         assert (await (await s.get(url + "/health")).json()) == {"status": "ok"}
+
+
+async def test_sixteen_first_streams_through_the_sidecar_all_count_exact_input_tokens(
+        loaded: model_mod.LoadedModel) -> None:
+    """The H200 run's start-up burst: 48 first streams, all relayed as usage probes, all with
+    unknown input tokens. Now one probe at a time (its count from the engine's timings: prompt_n
+    + cache_n) and the rest injected: every count exact, none unknown."""
+    from tests.harness import running_sidecar
+
+    prompt = "count every token of this prompt"
+    want = len(loaded.tokenizer(prompt)["input_ids"])
+    async with serving(loaded, max_batch=16, max_queue=32) as (url, _), \
+            running_sidecar(url) as sc, aiohttp.ClientSession() as s:
+
+        async def one() -> None:
+            async with s.post(sc.url + "/v1/completions", json={
+                    "model": "tiny", "prompt": prompt, "max_tokens": 4, "stream": True}) as r:
+                assert r.status == 200
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
+
+        await asyncio.gather(*(one() for _ in range(16)))
+        src = "llm_exporter_token_count_source_total"
+        assert sc.value(src, {"token_type": "input", "source": "none"}) == 0
+        assert sc.value(src, {"token_type": "input", "source": "usage"}) == 15
+        assert sc.value(src, {"token_type": "input", "source": "engine"}) == 1  # the probe
+        assert sc.value("llm_exporter_input_tokens_total", {"model": "tiny"}) == 16 * want

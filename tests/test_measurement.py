@@ -184,6 +184,41 @@ async def test_token_counts_exact_from_usage_injected_and_stripped() -> None:
         assert source(sc, "input", "none") == 1 and source(sc, "output", "chunks") == 1
 
 
+async def test_one_usage_probe_at_a_time_concurrent_first_streams_are_injected() -> None:
+    """16 streams at start-up, none asking for usage: one is the probe (relayed as is), the
+    other 15 ask for usage while it runs, so their counts are exact; later streams too."""
+    async with SyntheticUpstream(Script(ttft=0.1, itl=0.005, tokens=6)) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+
+        async def one(words: int) -> bytes:
+            async with s.post(sc.url + CHAT, json=body(words=words)) as r:
+                return await r.read()
+
+        replies = await asyncio.gather(*(one(3) for _ in range(16)))
+        assert all(b'"usage"' not in r and r.endswith(b"data: [DONE]\n\n") for r in replies)
+        asked = [r.json.get("stream_options") for r in up.requests]
+        assert asked.count(None) == 1 and asked.count({"include_usage": True}) == 15
+        assert source(sc, "input", "usage") == 15 and source(sc, "input", "none") == 1
+        assert tokens(sc, "input") == 15 * 3
+        await one(4)  # the probe found no usage unasked: from now on every stream asks
+        assert up.requests[-1].json["stream_options"] == {"include_usage": True}
+        assert tokens(sc, "input") == 15 * 3 + 4
+
+
+async def test_a_failed_probe_leaves_the_next_stream_to_probe() -> None:
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=3)) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        async with s.post(sc.url + CHAT, json=body(),
+                          headers=Script(status=503).header()) as r:
+            assert r.status == 503
+        async with s.post(sc.url + CHAT, json=body()) as r:
+            await r.read()
+        assert [r.json.get("stream_options") for r in up.requests] == [None, None]
+        async with s.post(sc.url + CHAT, json=body()) as r:
+            await r.read()
+        assert up.requests[-1].json["stream_options"] == {"include_usage": True}
+
+
 async def test_token_counts_exact_from_a_tokenizer(word_tokenizer: Path) -> None:
     script = Script(ttft=0, itl=0, tokens=31, tokens_per_chunk=4, usage="never")
     async with SyntheticUpstream(script) as up, \

@@ -66,11 +66,13 @@ class Timings:
     batch_size: int
 
     def as_dict(self) -> dict[str, Any]:
-        """llama.cpp's ``timings`` object plus ``queue_ms`` and ``batch_size``."""
+        """llama.cpp's ``timings`` object plus ``queue_ms`` and ``batch_size``. ``cache_n`` is 0:
+        this engine reuses no prefix, every prompt token is evaluated (so a reader knows the
+        prompt length is ``prompt_n``, as llama-server's ``prompt_n + cache_n``)."""
         pn, pms, gn, gms = self.prompt_n, self.prompt_ms, self.predicted_n, self.predicted_ms
         return {
             "queue_ms": round(self.queue_ms, 3),
-            "prompt_n": pn, "prompt_ms": round(pms, 3),
+            "cache_n": 0, "prompt_n": pn, "prompt_ms": round(pms, 3),
             "prompt_per_token_ms": round(pms / pn, 3) if pn else 0.0,
             "prompt_per_second": round(pn * 1000 / pms, 3) if pms > 0 else 0.0,
             "predicted_n": gn, "predicted_ms": round(gms, 3),
