@@ -65,12 +65,16 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92)
-# Phases: fine at the bottom (sub-300 ms SLOs must be expressible), long at the top.
-PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
-                 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
-               0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
-TOKEN_BUCKETS = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
+# Phases: fine at the bottom (sub-300 ms SLOs must be expressible), coarse at the top; about
+# 2.5x apart, 12 boundaries (was 22: the phase histograms were the largest item of the series
+# budget, README "Series budget"). --buckets-phase sets others.
+PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0)
+# Inter-token gaps: from a few ms (a large GPU batch) to the seconds of a stalled stream.
+ITL_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
+               1.0)
+# Tokens per request: the OpenTelemetry GenAI token-usage boundaries (powers of 4) from 16 to
+# 256k; fewer than 16 tokens land in the first bucket.
+TOKEN_BUCKETS = (16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
 
 _LAT = (MODEL, OPERATION)
 
@@ -85,11 +89,13 @@ TPOT = MetricSpec(
     _LAT, TPOT_BUCKETS)
 REQUEST_DURATION = MetricSpec(
     "gen_ai_server_request_duration_seconds", Kind.HISTOGRAM,
-    "End-to-end request duration: arrival at the sidecar to the last response byte relayed.",
-    (MODEL, OPERATION, STREAM), DURATION_BUCKETS)
+    "End-to-end request duration: arrival at the sidecar to the last response byte relayed "
+    "(streaming or not: the OpenTelemetry GenAI attributes; llm_exporter_requests_total "
+    "splits by stream).", _LAT, DURATION_BUCKETS)
 QUEUE = MetricSpec(
     PREFIX + "queue_duration_seconds", Kind.HISTOGRAM,
-    "Time a request waited in the sidecar for a concurrency slot (--max-concurrency).",
+    "Time a request waited in the sidecar for a concurrency slot (only with "
+    "--max-concurrency: without a limit nothing waits and no series is exported).",
     _LAT, PHASE_BUCKETS)
 PREFILL = MetricSpec(
     PREFIX + "prefill_duration_seconds", Kind.HISTOGRAM,
@@ -161,6 +167,12 @@ GPU_UTILIZATION = MetricSpec(
     PREFIX + "gpu_utilization_ratio", Kind.GAUGE,
     "Fraction of the last sample period a kernel ran on the GPU (NVML; coarse, prefer SM "
     "activity).", _GPU, group="gpu")
+HARDWARE_UTILIZATION = MetricSpec(
+    PREFIX + "hardware_utilization_ratio", Kind.GAUGE,
+    "U = T_compute / T_total measured on the device: the mean over the engine's GPUs (all "
+    "GPUs when its processes are not seen) of GPM SM activity (source sm_active, Hopper and "
+    "later) or else NVML utilization (source nvml, a kernel ran at all: an upper bound). "
+    "Absent without a GPU.", ("source",), group="gpu")
 GPU_MEMORY_UTILIZATION = MetricSpec(
     PREFIX + "gpu_memory_utilization_ratio", Kind.GAUGE,
     "Fraction of the last sample period device memory was read or written.", _GPU, group="gpu")
@@ -234,8 +246,9 @@ HOST_MEMORY_TOTAL = MetricSpec(
     PREFIX + "host_memory_total_bytes", Kind.GAUGE, "Host memory installed.", group="host")
 ENGINE_BUSY = MetricSpec(
     PREFIX + "engine_busy_seconds", Kind.COUNTER,
-    "Wall time the engine spent computing (a batch in flight); rate() of it is the hardware "
-    "utilisation the engine reports.", group="host")
+    "Wall time the engine had a batch in flight; rate() of it is the engine's occupancy, not "
+    "hardware utilisation (an engine busy in Python leaves the GPU idle: see "
+    "llm_exporter_hardware_utilization_ratio).", group="host")
 
 # --- Engine signals, normalised across engines ---------------------------------------------------
 ENGINE_UP = MetricSpec(

@@ -141,6 +141,9 @@ class SidecarMetrics:
         for t in ("upstream_connect", "upstream_timeout", "upstream_protocol",
                   "client_disconnect", "queue_full", "instrumentation"):
             self.errors.labels(t)  # exported at 0 from the start, so rate() works at once
+        # Without --max-concurrency nothing waits in the sidecar: a histogram of zeros would
+        # cost ~16 series per (model, operation) and say nothing.
+        self._queues = settings.max_concurrency > 0
         self._logged: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -172,8 +175,8 @@ class SidecarMetrics:
         child(self.requests, o.model, o.operation, stream, o.status_class,
               o.finish_reason).inc()
         if iv.e2e is not None:
-            _observe_one(child(self.duration, *lat, stream), iv.e2e, ex)
-        if iv.queue is not None:
+            _observe_one(child(self.duration, *lat), iv.e2e, ex)
+        if iv.queue is not None and self._queues:
             _observe_one(child(self.queue, *lat), iv.queue, ex)
         ok = o.status_class == "2xx" and o.finish_reason not in ("cancelled", "error")
         if not ok:

@@ -5,6 +5,8 @@ re-export, and the collector over real HTTP."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +23,9 @@ from exporter.collectors.engine_metrics import (
     EngineScraper,
     parse_signals,
 )
-from exporter.collectors.nvml_fake import FakeNvml
+from exporter.collectors.gpu import GpuCollector
+from exporter.collectors.nvml import GPM_SM_ACTIVE, GpuProcess
+from exporter.collectors.nvml_fake import FakeGpu, FakeNvml
 from exporter.settings import Settings
 from exporter.state import ProxyState
 
@@ -248,3 +252,66 @@ def test_register_collectors_end_to_end(upstream: tuple[str, dict[str, tuple[int
     assert v(c.GPU_COLLECTOR_UP.name, {"reason": "no_gpu"}) == 0
     assert v(c.HOURLY_COST.name) == 0  # no GPU seen: nothing to charge per GPU
     assert errors == []
+
+
+def test_busy_engine_on_an_idle_gpu_reads_high_occupancy_low_utilisation(
+        upstream: tuple[str, dict[str, tuple[int, bytes]]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The H200 case (TOOLING.md, 2026-11-30): the embedded engine at full batch reads busy
+    all the time while the GPU's SMs are 1-9 % active. Occupancy (rate of engine busy time)
+    must read ~1 and the device-based utilisation ~0.05, not the other way round; a second GPU
+    that another tenant keeps busy is not the engine's."""
+    url, routes = upstream
+    clock = Clock()
+    engine_gpu = FakeGpu(uuid="GPU-e", name="NVIDIA H200", utilization=(15.0, 3.0),
+                         gpm={GPM_SM_ACTIVE: 5.0}, processes=[GpuProcess(os.getpid(), 2**30)])
+    other_gpu = FakeGpu(uuid="GPU-o", name="NVIDIA H200", utilization=(100.0, 60.0),
+                        gpm={GPM_SM_ACTIVE: 90.0}, processes=[GpuProcess(1, 2**30)])
+    reg = CollectorRegistry()
+    errors: list[str] = []
+    # the engine's processes are known (here: this one), as the locator finds them in a pod
+    reg.register(GpuCollector(FakeNvml([engine_gpu, other_gpu]), clock=clock,
+                              engine_pids=lambda: {os.getpid()}, on_error=errors.append))
+    real_http = EngineScraper(lambda: url + "/metrics", lambda: url + "/engine/stats",
+                              clock=clock)
+    reg.register(EngineCollector(real_http, ProxyState(), on_error=errors.append))
+    busy = 0.0
+    samples: list[tuple[float, float]] = []
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            busy += 9.9  # 9.9 s of every 10 s with a batch in flight
+            clock.t += 10.0
+            routes["/engine/stats"] = (200, json.dumps(
+                {"busy_seconds": busy, "waiting": 12, "running": 32}).encode())
+            v = reg.get_sample_value
+            samples.append((v(c.ENGINE_BUSY.exposed) or 0.0,
+                            v(c.HARDWARE_UTILIZATION.name, {"source": "sm_active"}) or -1.0))
+    occupancy = (samples[-1][0] - samples[0][0]) / 20.0
+    assert occupancy == pytest.approx(0.99)
+    assert samples[-1][1] == pytest.approx(0.05)  # the engine's GPU only, from GPM SM activity
+    assert reg.get_sample_value(c.ENGINE_UP.name, {"engine": "embedded"}) == 1
+    # /metrics answered 404 and /engine/stats answered: the embedded engine, nothing to warn
+    assert not [r for r in caplog.records if "engine" in r.name], caplog.text
+    assert errors == []
+
+
+def test_hardware_utilisation_falls_back_to_nvml_and_to_every_gpu() -> None:
+    reg = CollectorRegistry()
+    gpus = [FakeGpu(uuid="GPU-a", utilization=(40.0, 0.0)),
+            FakeGpu(uuid="GPU-b", utilization=(80.0, 0.0), gpm={GPM_SM_ACTIVE: 70.0})]
+    reg.register(GpuCollector(FakeNvml(gpus), engine_pids=lambda: None))
+    # no engine processes known: every GPU; not all of them have GPM: NVML for all
+    assert reg.get_sample_value(c.HARDWARE_UTILIZATION.name, {"source": "nvml"}) == \
+        pytest.approx(0.6)
+    assert reg.get_sample_value(c.HARDWARE_UTILIZATION.name, {"source": "sm_active"}) is None
+    empty = CollectorRegistry()
+    empty.register(GpuCollector(FakeNvml([])))
+    assert "hardware_utilization" not in generate_latest(empty).decode()
+
+
+def test_unreachable_engine_metrics_are_still_reported(
+        caplog: pytest.LogCaptureFixture) -> None:
+    s = scraper(FakeUpstream({"http://e/metrics": (404, b"")}), Clock())
+    with caplog.at_level(logging.WARNING):
+        s.signals()
+    assert "answered 404" in caplog.text

@@ -227,6 +227,7 @@ class EngineScraper:
         self._cached: tuple[float, EngineSignals] | None = None
         self._prefer_stats = False
         self._complained: set[str] = set()
+        self._pending: list[tuple[str, str, tuple[object, ...]]] = []
 
     def signals(self) -> EngineSignals:
         now = self._clock()
@@ -240,6 +241,7 @@ class EngineScraper:
         order = (self._stats, self._metrics) if self._prefer_stats else (self._metrics,
                                                                           self._stats)
         found = EngineSignals()
+        self._pending.clear()
         for attempt in order:
             left = self._timeout - (self._clock() - started)
             if left <= 0.05:
@@ -247,10 +249,13 @@ class EngineScraper:
             sig = attempt(left)
             if sig is not None:
                 if sig.up:
+                    # The embedded engine has /engine/stats and no /metrics: its 404 is no news.
                     self._prefer_stats = sig.engine == "embedded"
                     return sig
                 if sig.engine != "unknown":
                     found = sig
+        for key, msg, args in self._pending:  # nothing answered: say why, once each
+            self._once(key, msg, *args)
         return found
 
     def _metrics(self, timeout: float) -> EngineSignals | None:
@@ -263,11 +268,11 @@ class EngineScraper:
         try:
             sig = parse_signals(body.decode("utf-8", "replace"))
         except ValueError as e:
-            self._once(url + "#parse", "the engine's /metrics at %s did not parse: %s", url, e)
+            self._later(url + "#parse", "the engine's /metrics at %s did not parse: %s", url, e)
             return None
         if not sig.up:
-            self._once(url + "#unknown", "no known engine metrics at %s (prefixes: %s)", url,
-                       ", ".join(p for p, _ in PREFIXES))
+            self._later(url + "#unknown", "no known engine metrics at %s (prefixes: %s)", url,
+                        ", ".join(p for p, _ in PREFIXES))
         return sig
 
     def _stats(self, timeout: float) -> EngineSignals | None:
@@ -288,16 +293,20 @@ class EngineScraper:
             status, body = self._fetch(url, timeout)
         except (OSError, urllib.error.URLError, ValueError) as e:
             if not quiet:
-                self._once(url, "cannot scrape the engine's metrics at %s: %s (logged once)",
-                           url, e)
+                self._later(url, "cannot scrape the engine's metrics at %s: %s (logged once)",
+                            url, e)
             return None
         if status != 200:
             if not quiet:
-                self._once(url + f"#{status}", "the engine's metrics at %s answered %d", url,
-                           status)
+                self._later(url + f"#{status}", "the engine's metrics at %s answered %d", url,
+                            status)
             return None
         self._complained.discard(url)
         return body
+
+    def _later(self, key: str, msg: str, *args: object) -> None:
+        """A complaint logged (once) only if no endpoint answers on this scrape."""
+        self._pending.append((key, msg, args))
 
     def _once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._complained:

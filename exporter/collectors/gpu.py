@@ -135,9 +135,31 @@ class GpuCollector(FailsafeCollector):
                 mlabels = [f"{i}/gi{mig.gpu_instance_id}", mig.uuid, mig.name]
                 self._instance(mig.handle, mlabels, fams, pids, errors)
                 self._gpm(h, mig.uuid, mlabels, fams, errors, mig.gpu_instance_id)
+        self._hardware_utilization(fams, engine_seen=pids is not None)
         out.extend(f for f in fams.values() if f.samples)
         if errors:
             raise errors[0]  # counted once per scrape; the figures above are still served
+
+    @staticmethod
+    def _hardware_utilization(f: dict[str, Family], *, engine_seen: bool) -> None:
+        """U = T_compute / T_total from the device, for the engine's GPUs (those holding its
+        processes' memory; every GPU when they are not known): the mean GPM SM activity when
+        each of them has it, else the mean NVML utilization (a kernel ran at all: an upper
+        bound). Whole GPUs only; a MIG-partitioned GPU counts with its NVML figure."""
+
+        def whole(spec: c.MetricSpec) -> dict[str, float]:
+            return {smp.labels[c.GPU_UUID]: smp.value for smp in f[spec.name].samples
+                    if "/" not in smp.labels[c.GPU]}
+
+        util, sm = whole(c.GPU_UTILIZATION), whole(c.GPU_SM_ACTIVE)
+        mine = {u for u, v in whole(c.GPU_PROCESS_MEMORY).items() if v > 0} if engine_seen \
+            else set()
+        gpus = (mine & util.keys()) or set(util)
+        if not gpus:
+            return
+        source, values = (("sm_active", sm) if gpus <= sm.keys() else ("nvml", util))
+        f[c.HARDWARE_UTILIZATION.name].add_metric(
+            [source], sum(values[u] for u in gpus) / len(gpus))
 
     def _figure(self, fn: Callable[..., Any], *args: Any, errors: list[NvmlError]) -> Any:
         """One NVML figure: None when the device lacks it, or on an error (recorded)."""
