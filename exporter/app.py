@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -32,7 +33,7 @@ from exporter.instrument import Instrumentation
 from exporter.metrics import FlagSlos, SidecarMetrics, SloPolicy
 from exporter.otlp_receiver import EngineSpanStore, build_receiver_app
 from exporter.proxy import Proxy
-from exporter.settings import Settings, SettingsError
+from exporter.settings import Settings, SettingsError, shown_url
 from exporter.state import ProxyState
 from exporter.timeline import Clock
 from exporter.tracing import RequestTracer, provider_from_env
@@ -56,6 +57,66 @@ def slo_policy(settings: Settings) -> SloPolicy:
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+class QuietHttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger aiohttp's server gets for the proxy port. aiohttp logs an ERROR with a
+    traceback for every malformed request, its message quoting the request's bytes (a
+    smuggled body is prompt text). Here: one WARNING line naming the error type, no traceback,
+    no message, at most one per ``every`` seconds with a count of those left out, so a hostile
+    client can neither fill the disk nor read its bytes back from the log."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logger, {})
+        self._every, self._clock = every, clock
+        self._last = -1e18
+        self._held = 0
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc_info = kwargs.pop("exc_info", None)
+        if not exc_info and level < logging.WARNING:
+            self.logger.log(level, msg, *args, **kwargs)
+            return
+        now = self._clock()
+        if now - self._last < self._every:
+            self._held += 1
+            return
+        held, self._held, self._last = self._held, 0, now
+        exc = exc_info if isinstance(exc_info, BaseException) else \
+            sys.exc_info()[1] if exc_info is True else None
+        self.logger.warning("%s%s (details not logged: they may quote request bytes)%s",
+                            "request failed" if exc_info else "proxy server",
+                            f": {type(exc).__name__}" if exc else "",
+                            f"; {held} more since the last such line" if held else "")
+
+
+class _StampingHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, noting when each read arrived: a request's arrival is when
+    its bytes were read, not when the event loop got round to starting its handler (under a
+    burst of requests that wait is milliseconds the client sees and the sidecar would miss)."""
+
+    __slots__ = ("clock", "last_rx")
+    clock: Clock
+    last_rx: float
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = self.clock()
+        super().data_received(data)
+
+
+class _Server(web.Server):
+    """``web.Server`` whose connections are :class:`_StampingHandler`\\ s reading ``clock``."""
+
+    def __init__(self, *args: Any, clock: Clock, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = clock
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        handler = _StampingHandler(self, loop=self._loop, **self._kwargs)
+        handler.clock = self._clock
+        handler.last_rx = self._clock()
+        return handler
 
 
 class WithoutCreated:
@@ -198,7 +259,12 @@ class Sidecar:
     async def start(self) -> None:
         s = self.settings
         await self.proxy.start()
-        server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        # auto_decompress off: request bodies are relayed exactly as the client sent them. An
+        # inflated body forwarded under the compressed Content-Length smuggles requests into
+        # the pooled upstream connection, and a small gzip body inflates to gigabytes.
+        server = _Server(self.proxy.handle, handler_cancellation=True, access_log=None,
+                         auto_decompress=False, clock=self.proxy.clock,
+                         logger=QuietHttpLog(logging.getLogger("exporter.http")))
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, s.host, s.port, reuse_address=True)
@@ -293,7 +359,7 @@ async def _serve(settings: Settings, state: ProxyState) -> int:
     gc.collect()
     gc.freeze()
     log.info("proxy on http://%s:%d -> %s; metrics on http://%s:%d/metrics",
-             settings.host, sidecar.port, settings.upstream, settings.metrics_host,
+             settings.host, sidecar.port, shown_url(settings.upstream), settings.metrics_host,
              sidecar.metrics_port)
     if sidecar.receiver_port:
         log.info("OTLP receiver for engine spans on http://127.0.0.1:%d/v1/traces",

@@ -201,7 +201,7 @@ class Instrumentation(Hooks):
         elif ex.captured and not ex.capture_overflow:
             try:
                 obj = json.loads(b"".join(ex.captured))
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):
                 obj = None  # not JSON (or compressed): relayed untouched, counted without it
             if isinstance(obj, dict):
                 usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -151,12 +152,16 @@ class SidecarMetrics:
         self.errors.labels(kind).inc()
 
     def instrumentation_error(self, where: str, exc: BaseException | None = None) -> None:
-        """Count it; log the first occurrence per place with its traceback, then stay quiet."""
+        """Count it; log the first occurrence per place with where it was raised, then stay
+        quiet. The exception's message is left out: it may quote request or response text
+        (``int('...')``, a codec error's object), which stays out of logs."""
         self.errors.labels("instrumentation").inc()
         if where not in self._logged:
             self._logged.add(where)
-            log.error("instrumentation error in %s (counted in %s; logged once)", where,
-                      c.ERRORS.exposed, exc_info=exc)
+            frames = "".join(traceback.format_tb(exc.__traceback__)) if exc else ""
+            log.error("instrumentation error in %s: %s (counted in %s; logged once)%s", where,
+                      type(exc).__name__ if exc else "", c.ERRORS.exposed,
+                      "\n" + frames.rstrip() if frames else "")
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(...)``, cached: label sets are bounded, lookups are per request."""

@@ -249,7 +249,7 @@ def parse_request(body: bytes, content_type: str) -> ExportTraceServiceRequest:
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
             json_format.ParseDict(_hex_ids_to_base64(doc), req, ignore_unknown_fields=True)
-        except (json_format.ParseError, UnicodeDecodeError, TypeError) as e:
+        except (json_format.ParseError, UnicodeDecodeError, TypeError, RecursionError) as e:
             raise ValueError(str(e)) from e
         return req
     try:

@@ -23,11 +23,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from exporter.labels import OPERATIONS
-from exporter.settings import Settings
+from exporter.settings import Settings, shown_url
 from exporter.sse import StreamScanner
 from exporter.state import ProxyState
 from exporter.timeline import Clock, Timeline
-from exporter.transport import Pool, Response, UpstreamError
+from exporter.transport import Pool, RequestBodyMismatch, Response, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,10 @@ def _forward_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CI
 
 
 _REQUEST_DROP = frozenset({"host", "content-length"})
+# An upstream that refuses an injected stream_options (400/422) and accepts the same request
+# as the client sent it this many times in a row is not asked again: one client's odd body
+# (an encoding, a schema its own server rejects) is not evidence about the upstream.
+USAGE_REFUSALS_TO_STOP = 3
 _RESPONSE_DROP: frozenset[str] = frozenset()
 
 
@@ -143,6 +147,9 @@ class Proxy:
         # at a time: streams arriving while it runs are injected.
         self.usage_mode = "probe" if settings.inject_usage else "off"
         self._probing = False  # a probe stream is in flight
+        self._refusals = 0  # injected requests refused in a row, each accepted as sent
+        self._scan_error = self._scanner_error  # one bound method, not one per request
+        self.base_shown = shown_url(self.base)  # for messages: no credentials
 
     async def start(self) -> None:
         # LLM routes go through the lean client (exporter.transport) and time reads with one
@@ -191,7 +198,7 @@ class Proxy:
         if length is not None and length <= limit:
             return await request.content.read(), None
         if length is not None:
-            return None, request.content.iter_chunked(_CHUNK)
+            return None, _exactly(request.content, length)
         buf = bytearray()
         while len(buf) <= limit:
             chunk = await request.content.readany()
@@ -217,6 +224,8 @@ class Proxy:
                 request.method, self.upstream_url(request), headers=headers,
                 data=body_stream if body_stream is not None else (body or None),
                 allow_redirects=False, timeout=self._passthrough_timeout)
+        except RequestBodyMismatch as e:
+            return self._short_body(request, e)
         except Exception as e:
             return self._upstream_failure(e)
         resp: web.StreamResponse | None = None
@@ -238,29 +247,49 @@ class Proxy:
     def _upstream_failure(self, e: BaseException) -> web.Response:
         if isinstance(e, aiohttp.ServerTimeoutError | TimeoutError):
             self.hooks.error("upstream_timeout")
-            return openai_error(504, f"upstream {self.base} did not answer within "
+            return openai_error(504, f"upstream {self.base_shown} did not answer within "
                                 f"{self.settings.upstream_timeout:g} s", "upstream_timeout")
         self.hooks.error("upstream_connect")
-        log.warning("upstream %s unreachable: %s", self.base, e)
-        return openai_error(502, f"upstream {self.base} unreachable: {e}", "upstream_unreachable")
+        why = shown_url(str(e))
+        log.warning("upstream %s unreachable: %s", self.base_shown, why)
+        return openai_error(502, f"upstream {self.base_shown} unreachable: {why}",
+                            "upstream_unreachable")
+
+    def _short_body(self, request: web.BaseRequest, e: RequestBodyMismatch) -> web.Response:
+        """The client's body did not match its Content-Length (it went away, or lied): the
+        upstream connection that carried part of it is closed, never reused."""
+        self.hooks.error("client_disconnect")
+        _abort(request)
+        return openai_error(400, str(e), "invalid_request_error")
 
     async def _prepare(self, request: web.BaseRequest,
                        up: aiohttp.ClientResponse | Response) -> RelayResponse:
         resp = RelayResponse(status=up.status, reason=up.reason,
                              headers=_forward_headers(up.headers, _RESPONSE_DROP))
+        if request.version < (1, 1) and hdrs.CONTENT_LENGTH not in up.headers:
+            # An HTTP/1.0 client learns where a body of unknown length ends only from the
+            # connection closing: no keep-alive for it, whatever it asked.
+            resp.force_close()
         await resp.prepare(request)
         return resp
 
     # --- LLM routes -------------------------------------------------------------------------
     async def _llm(self, request: web.BaseRequest, operation: str) -> web.StreamResponse:
-        ex = Exchange(operation, Timeline(self.clock()), self.wall_ns(), request.headers)
+        now, wall = self.clock(), self.wall_ns()
+        # When the request's bytes were read (the server's handler notes it), if earlier.
+        arrival = min(now, getattr(request.protocol, "last_rx", now))
+        ex = Exchange(operation, Timeline(arrival), wall - int((now - arrival) * 1e9),
+                      request.headers)
         body, body_stream = await self._read_body(request)
         send: bytes | AsyncIterator[bytes] | None = body_stream
         if body is not None:
             send = body
             self._parse_request(ex, body)
             if ex.injected_usage and ex.body is not None:
-                send = _with_usage(body, ex.body)
+                try:
+                    send = _with_usage(body, ex.body)
+                except (ValueError, RecursionError):  # UnicodeEncodeError: lone surrogate
+                    ex.injected_usage = False  # relayed as sent; counted from other sources
         extra = self._guard("started", self.hooks.started, ex) or {}
         headers = _forward_headers(request.headers, _REQUEST_DROP)
         for k in extra:
@@ -302,9 +331,11 @@ class Proxy:
             self._guard("finished", self.hooks.finished, ex)
 
     def _parse_request(self, ex: Exchange, body: bytes) -> None:
+        """What the measurement needs from the request body; a body it cannot parse (not JSON,
+        compressed, nested past Python's recursion limit) is relayed and counted all the same."""
         try:
             obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return
         if not isinstance(obj, dict):
             return
@@ -319,7 +350,10 @@ class Proxy:
             else:
                 # While the probe is out, streams ask for usage: their counts stay exact
                 # (an upstream that refuses is asked again as the client asked, below).
-                ex.injected_usage = self.usage_mode != "off"
+                # Only UTF-8 bodies (what JSON on the web is): a splice into UTF-16 would
+                # corrupt the client's request.
+                ex.injected_usage = (self.usage_mode != "off"
+                                     and json.detect_encoding(body) == "utf-8")
 
     async def _send(self, request: web.BaseRequest, headers: CIMultiDict[str],
                     data: bytes | AsyncIterator[bytes] | None) -> Response:
@@ -336,16 +370,18 @@ class Proxy:
             async with asyncio.timeout(timeout):
                 up = await self._send(request, headers, send)
             if ex.injected_usage and up.status in (400, 422) and original is not None:
-                # The upstream refused stream_options: ask again exactly as the client did,
-                # and stop asking this upstream if that works.
+                # The upstream refused stream_options: ask again exactly as the client did.
                 up.close()
                 ex.injected_usage = False
                 async with asyncio.timeout(timeout):
                     up = await self._send(request, headers, original)
                 if up.status < 400:
-                    log.warning("upstream rejects stream_options.include_usage; token counts "
-                                "fall back to --tokenizer or chunks")
-                    self.usage_mode = "off"
+                    self._refused()
+            elif ex.injected_usage and up.status < 400:
+                self._refusals = 0
+        except RequestBodyMismatch as e:
+            ex.status, ex.error = 400, "client_disconnect"
+            return self._short_body(request, e)
         except Exception as e:
             failure = self._upstream_failure(e)
             ex.status = failure.status
@@ -360,7 +396,8 @@ class Proxy:
         try:
             resp = await self._prepare(request, up)
             write = _client_writer(request, resp, up)
-            scanner = ex.scanner = StreamScanner(strip_usage=ex.injected_usage) if sse else None
+            scanner = ex.scanner = StreamScanner(ex.injected_usage, self._scan_error) \
+                if sse else None
             up.attach(self._sink(ex, scanner, write, capture, watchdog))
             await up.run(request.writer.drain)
             if scanner is not None:
@@ -416,8 +453,7 @@ class Proxy:
                 n, out = feed(data)
             except Exception as e:  # never let measuring cost the client a byte
                 error("sse scan", e)
-                n, out = 0, data
-                scanner.strip_usage = False
+                n, out = 0, scanner.abandon(data)
             if out:
                 write(out)
             if n:
@@ -425,6 +461,19 @@ class Proxy:
             if capture:
                 ex.capture(data, limit)
         return sse
+
+    def _scanner_error(self, what: str) -> None:
+        self.hooks.instrumentation_error("sse scan", ValueError(what))
+
+    def _refused(self) -> None:
+        """An injected request was refused and the same request as sent accepted: after
+        USAGE_REFUSALS_TO_STOP of them in a row, from as many requests, stop asking."""
+        self._refusals += 1
+        if self._refusals >= USAGE_REFUSALS_TO_STOP and self.usage_mode != "off":
+            log.warning("upstream rejected stream_options.include_usage %d times in a row and "
+                        "accepted the same requests without it; token counts fall back to "
+                        "--tokenizer or chunks", self._refusals)
+            self.usage_mode = "off"
 
     def _settle_usage_mode(self, scanner: StreamScanner) -> None:
         self.usage_mode = "off" if scanner.usage is not None else "inject"
@@ -507,6 +556,17 @@ async def _chain(first: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[byte
     yield first
     async for chunk in rest.iter_chunked(_CHUNK):
         yield chunk
+
+
+async def _exactly(body: aiohttp.StreamReader, length: int) -> AsyncIterator[bytes]:
+    """The client's body, which must be ``length`` bytes: a short one (the client went away)
+    raises instead of leaving the upstream waiting for, or parsing, bytes that never come."""
+    seen = 0
+    async for chunk in body.iter_chunked(_CHUNK):
+        seen += len(chunk)
+        yield chunk
+    if seen != length:
+        raise RequestBodyMismatch(f"request body of {seen} bytes, {length} declared")
 
 
 def _abort(request: web.BaseRequest) -> None:

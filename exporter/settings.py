@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,15 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
+
+
+def shown_url(text: str) -> str:
+    """``text`` (a URL, or a message quoting one) as logs and error bodies may show it: every
+    URL without its user and password (``--upstream http://user:pw@host`` is a secret)."""
+    return _USERINFO.sub(r"\1", text) if "@" in text else text
 
 
 def env_name(field_name: str) -> str:

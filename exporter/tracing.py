@@ -57,6 +57,30 @@ def provider_from_env(environ: Mapping[str, str]) -> tuple[TracerProvider, bool]
     return provider, False
 
 
+def clean_text(value: str) -> str:
+    """``value`` as UTF-8 can carry it: a lone surrogate (a JSON ``"\\ud800"`` escape from a
+    client) would make the exporter fail the whole batch, other requests' spans included."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def clean(attributes: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Span attributes with every string (and string in a sequence) made UTF-8-safe."""
+    out: dict[str, Any] = {}
+    for k, v in (attributes or {}).items():
+        if isinstance(v, str):
+            v = clean_text(v)
+        elif isinstance(v, list | tuple):
+            v = [clean_text(x) if isinstance(x, str) else x for x in v]
+        out[k] = v
+    return out
+
+
 class RequestTracer:
     """``recording=False`` (nothing exports spans) builds no SDK spans at all: each request
     still gets its own span id in the client's trace (or a new one), so exemplars and the
@@ -82,8 +106,9 @@ class RequestTracer:
                 self._ids.generate_trace_id(), self._ids.generate_span_id(), False,
                 TraceFlags(TraceFlags.SAMPLED)))
         return self._tracer.start_span(
-            f"{operation} {model}", context=ctx, kind=SpanKind.SERVER, start_time=start_ns,
-            attributes={genai.GEN_AI_OPERATION_NAME: operation, **attributes})
+            clean_text(f"{operation} {model}"), context=ctx, kind=SpanKind.SERVER,
+            start_time=start_ns,
+            attributes=clean({genai.GEN_AI_OPERATION_NAME: operation, **attributes}))
 
     @staticmethod
     def inject(span: Span, carrier: MutableMapping[str, str]) -> None:
@@ -94,7 +119,7 @@ class RequestTracer:
               attributes: Mapping[str, Any] | None = None) -> None:
         span = self._tracer.start_span(name, context=trace.set_span_in_context(parent),
                                        kind=SpanKind.INTERNAL, start_time=start_ns,
-                                       attributes=attributes)
+                                       attributes=clean(attributes))
         span.end(end_time=max(end_ns, start_ns))
 
     @staticmethod
@@ -105,7 +130,7 @@ class RequestTracer:
     @staticmethod
     def finish(span: Span, end_ns: int, status: int | None, error_type: str | None,
                attributes: Mapping[str, Any]) -> None:
-        span.set_attributes(attributes)
+        span.set_attributes(clean(attributes))
         if error_type:
             span.set_attribute(error_attributes.ERROR_TYPE, error_type)
         if status is None or status >= 500 or error_type:

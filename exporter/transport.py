@@ -29,6 +29,10 @@ from yarl import URL
 Sink = Callable[[bytes], None]
 
 _HIGH_WATER = 256 * 1024  # bytes queued towards the upstream before a body stream waits
+# The most an upstream may send before its response head is complete (status line, headers):
+# nginx's default large_client_header_buffers is 4 x 8 KiB; aiohttp's client allows 8 KiB a
+# line. Beyond it the exchange fails instead of growing memory until the timeout.
+MAX_HEAD = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -41,6 +45,10 @@ class UpstreamDisconnected(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent something that is not HTTP/1.x."""
+
+
+class RequestBodyMismatch(Exception):
+    """The client's body did not match its declared length; nothing more goes upstream."""
 
 
 class Response:
@@ -59,6 +67,7 @@ class Response:
         "complete",
         "drain_wanted",
         "error",
+        "head_bytes",
         "headers",
         "keep_alive",
         "reason",
@@ -81,6 +90,7 @@ class Response:
         self.keep_alive = False
         self.complete = False
         self.received = False  # any response byte came
+        self.head_bytes = 0  # bytes read while the head was incomplete
         self.error: BaseException | None = None
         self.drain_wanted = False
 
@@ -223,8 +233,15 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         resp.received = True
+        in_head = not resp._head.done()
+        if in_head:
+            resp.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
+            if in_head and not resp._head.done() and resp.head_bytes > MAX_HEAD:
+                self.broken = True
+                resp.abort(UpstreamProtocolError(
+                    f"the upstream's response head exceeds {MAX_HEAD} bytes"))
         except httptools.HttpParserCallbackError as e:
             # Raised in one of our callbacks: by the sink (e.g. the client went away) or on
             # a second response. llhttp wraps it; the exchange ends with the original.
@@ -346,7 +363,7 @@ class Pool:
             try:
                 assert conn.transport is not None
                 if stream is not None:
-                    await self._send_stream(conn, head, stream, chunked=content_length is None)
+                    await self._send_stream(conn, head, stream, content_length)
                 else:
                     conn.transport.write(head + data if data else head)
                 await resp._head
@@ -362,17 +379,31 @@ class Pool:
         raise AssertionError("unreachable")
 
     async def _send_stream(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes],
-                           chunked: bool) -> None:
+                           length: int | None) -> None:
+        """Stream ``body`` after ``head``: chunked when ``length`` is None, else exactly
+        ``length`` bytes. A body that turns out longer or shorter than it declared never reaches
+        the upstream as framed (the excess would be parsed as a request of its own on a
+        keep-alive connection): the exchange fails and the connection is closed."""
         conn.transport.write(head)  # type: ignore[union-attr]
+        sent = 0
         async for chunk in body:
             if conn.transport is None:
                 raise UpstreamDisconnected("upstream closed the connection while the request "
                                            "body was sent")
+            sent += len(chunk)
+            if length is not None and sent > length:
+                conn.broken = True
+                raise RequestBodyMismatch(f"request body longer than its Content-Length "
+                                          f"({length})")
             if chunk:
-                conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                conn.transport.write(chunk if length is not None
+                                     else b"%x\r\n%b\r\n" % (len(chunk), chunk))
             if conn.transport.get_write_buffer_size() > _HIGH_WATER:
                 await conn.writable()
-        if chunked and conn.transport is not None:
+        if length is not None and sent != length:
+            conn.broken = True
+            raise RequestBodyMismatch(f"request body of {sent} bytes, {length} declared")
+        if length is None and conn.transport is not None:
             conn.transport.write(b"0\r\n\r\n")
 
     def _take_idle(self) -> _Connection | None:

@@ -82,3 +82,48 @@ def test_content_text_joins_generated_text_of_a_stream() -> None:
     data = (STREAMS / "crlf_reasoning_tools.sse").read_bytes()
     assert content_text(data) == 'Think{"x": 1}'
     assert content_text((STREAMS / "spaced_text_completion.sse").read_bytes()) == 'A b"c'
+
+
+def _line_ends(data: bytes, form: bytes) -> bytes:
+    """``data`` (LF line ends) with every line end replaced by ``form``; ``mixed`` cycles
+    through CRLF, LF and a lone CR, so blank lines come out as every pair the spec allows."""
+    if form != b"mixed":
+        return data.replace(b"\n", form)
+    forms = [b"\r\n", b"\n", b"\r"]
+    parts = data.split(b"\n")
+    return b"".join(p + forms[i % 3] for i, p in enumerate(parts[:-1])) + parts[-1]
+
+
+@pytest.mark.parametrize("form", [b"\r", b"\r\n", b"mixed"])
+def test_every_line_end_form_at_every_split(form: bytes) -> None:
+    """CR-only line ends (valid SSE) were never seen as event ends: with usage stripped, the
+    whole stream was held until it ended. Every form is an event end now."""
+    lf = (STREAMS / "vllm_chat_usage.sse").read_bytes()
+    data = _line_ends(lf, form)
+    for cuts in ([], *([i] for i in range(1, len(data))), list(range(1, len(data)))):
+        sc, n, out = scan(data, cuts)
+        assert (n, out, sc.finish_reason) == (3, data, "length")
+        assert (sc.usage or {}).get("completion_tokens") == 3
+    sc = StreamScanner(strip_usage=True)
+    n, out = sc.feed(data)
+    assert n == 3 and b'"choices":[]' not in out and out  # forwarded at once, usage cut
+    assert b'"finish_reason":"length"' in out
+
+
+def test_a_stream_without_event_ends_is_forwarded_and_memory_stays_bounded() -> None:
+    from exporter.sse import MAX_HELD
+
+    errors: list[str] = []
+    sc = StreamScanner(strip_usage=True, on_error=errors.append)
+    junk = b"data: " + b"x" * 9000 + b"\n"  # line ends, never a blank line
+    sent, out = b"", b""
+    for _ in range(300):  # 2.7 MB
+        sent += junk
+        out += sc.feed(junk)[1]
+        assert len(sc._held) <= MAX_HELD + len(junk)
+    assert errors and len(errors) == 1  # counted once per oversized event
+    tail = b'\ndata: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    n, last = sc.feed(tail)
+    out += last + sc.flush()
+    assert out == sent + tail  # nothing lost, nothing reordered
+    assert n == 1  # scanning resumes after the oversized event

@@ -43,10 +43,12 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
@@ -715,6 +717,32 @@ async def _sleep_until(deadline: float, spin: float = 0.0) -> None:
         await asyncio.sleep(delay - spin)
     while clock() < deadline:
         await asyncio.sleep(0)
+
+
+@contextlib.contextmanager
+def upstream_process(*args: str, cpus: Sequence[int] = ()) -> Iterator[str]:
+    """The synthetic upstream in a process of its own (``main``'s flags), as a real engine
+    runs: timing tests must not share its event loop with the sidecar. ``cpus``: the cores it
+    may run on (default: any). Yields its URL."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tests.upstream", "--port", str(port), *args],
+                            cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "synthetic upstream on" in line, line
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalogue as c
 from exporter.collectors.base import FailsafeCollector, OnError, family
+from exporter.settings import shown_url
 from exporter.state import ProxyState
 
 log = logging.getLogger(__name__)
@@ -305,8 +306,10 @@ class EngineScraper:
         return body
 
     def _later(self, key: str, msg: str, *args: object) -> None:
-        """A complaint logged (once) only if no endpoint answers on this scrape."""
-        self._pending.append((key, msg, args))
+        """A complaint logged (once) only if no endpoint answers on this scrape; URLs in it
+        without their credentials."""
+        shown = tuple(a if isinstance(a, int | float) else shown_url(str(a)) for a in args)
+        self._pending.append((key, msg, shown))
 
     def _once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._complained:
