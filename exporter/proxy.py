@@ -185,7 +185,7 @@ class Proxy:
         return self._pool
 
     def upstream_url(self, request: web.BaseRequest) -> URL:
-        return URL(self.base + request.raw_path, encoded=True)
+        return URL(self.base + _origin_form(request.raw_path), encoded=True)
 
     # --- request bodies -------------------------------------------------------------------
     async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None,
@@ -358,7 +358,8 @@ class Proxy:
     async def _send(self, request: web.BaseRequest, headers: CIMultiDict[str],
                     data: bytes | AsyncIterator[bytes] | None) -> Response:
         length = None if isinstance(data, bytes | None) else request.content_length
-        return await self.upstream.request(request.method, request.raw_path, headers.items(),
+        return await self.upstream.request(request.method, _origin_form(request.raw_path),
+                                           headers.items(),
                                            data, length)
 
     async def _relay_llm(self, request: web.BaseRequest, ex: Exchange, headers: CIMultiDict[str],
@@ -567,6 +568,15 @@ async def _exactly(body: aiohttp.StreamReader, length: int) -> AsyncIterator[byt
         yield chunk
     if seen != length:
         raise RequestBodyMismatch(f"request body of {seen} bytes, {length} declared")
+
+
+def _origin_form(target: str) -> str:
+    """The request target as the upstream gets it: an absolute-form target
+    (``POST http://host/v1/... HTTP/1.1``, proxy style) becomes its path and query; the
+    sidecar is the upstream's only client, not a forward proxy to wherever the client names."""
+    if target.startswith("/") or "://" not in target:
+        return target
+    return URL(target, encoded=True).raw_path_qs or "/"
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -262,3 +262,46 @@ async def test_a_lone_surrogate_model_cannot_drop_the_span_batch() -> None:
         spans = sc.finished_spans()
     assert len([x for x in spans if x.parent is None]) == 2
     assert encode_spans(spans).SerializeToString()  # the OTLP exporter's own encoding
+
+
+async def test_an_absolute_form_target_goes_upstream_as_a_path() -> None:
+    async with raw_upstream() as up, running_sidecar(up.url) as sc:
+        host, port = sc.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST http://elsewhere.example:81/v1/x?a=1 HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+        raw = await asyncio.wait_for(reader.read(), timeout=5)
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert [x.path for x in up.seen] == ["/v1/x?a=1"]
+
+
+def test_the_engine_scraper_does_not_follow_redirects() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from exporter.collectors.engine_metrics import EngineScraper
+
+    paths: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            paths.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        sig = EngineScraper(lambda: url + "/metrics", lambda: "").signals()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert not sig.up
+    assert paths == ["/metrics"]

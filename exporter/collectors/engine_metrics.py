@@ -320,10 +320,21 @@ class EngineScraper:
 MAX_BODY = 16 * 1024 * 1024
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The engine's metrics come from the engine: a redirect is answered as its status (and
+    logged), never followed to wherever it points."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
 def _http_get(url: str, timeout: float) -> tuple[int, bytes]:
     req = urllib.request.Request(url, headers={"Accept": "text/plain;version=0.0.4"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with _OPENER.open(req, timeout=timeout) as r:
             return int(r.status), r.read(MAX_BODY)
     except urllib.error.HTTPError as e:
         return int(e.code), b""
