@@ -13,6 +13,14 @@ export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=
 export UV_BUILD_CONSTRAINT=lock/llamacpp-build.txt
 # shellcheck source=scripts/venv-lib.sh
 source scripts/venv-lib.sh
-echo "==> CMAKE_ARGS=$CMAKE_ARGS (the first build of llama.cpp takes ~8 min on 2 cores)"
-venv_sync "${VENV:-.venv-llamacpp}" lock/llamacpp.txt 0 \
+VENV=${VENV:-.venv-llamacpp}
+if ! venv_synced "$VENV" lock/llamacpp.txt; then
+  echo "==> CMAKE_ARGS=$CMAKE_ARGS (the first build of llama.cpp takes ~8 min on 2 cores)"
+  # A heartbeat through the long, otherwise silent compile.
+  t0=$(date +%s)
+  ( while sleep 30; do echo "    ... still installing ($(( $(date +%s) - t0 )) s)"; done ) &
+  beat=$!
+  trap 'kill $beat 2>/dev/null || true' EXIT
+fi
+venv_sync "$VENV" lock/llamacpp.txt 0 \
   'import llama_cpp, llama_cpp.server.app; print("    llama-cpp-python", llama_cpp.__version__)'
