@@ -34,7 +34,7 @@ VENV = ROOT / ".venv-llamacpp"
 pytestmark = [
     pytest.mark.llamacpp,
     pytest.mark.timeout(420),
-    pytest.mark.skipif(not any(VENV.glob(".installed-llama-cpp-python-*")),
+    pytest.mark.skipif(not any(VENV.glob(".synced-llamacpp-*")),
                        reason=".venv-llamacpp absent: run scripts/setup-llamacpp.sh "
                               "(make test-llamacpp)"),
 ]
