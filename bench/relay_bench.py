@@ -340,10 +340,23 @@ class Client(asyncio.Protocol):
         done.set_result(ok)
 
 
-def build_request(port: int, tokens: int, extra: dict[str, object] | None = None) -> bytes:
-    body = json.dumps({"model": "bench", "stream": True, "max_tokens": tokens,
-                       "messages": [{"role": "user", "content": "Say something."}]}).encode()
-    headers = ["POST /v1/chat/completions HTTP/1.1", f"Host: 127.0.0.1:{port}",
+# API -> (path, index of the first content event, request body fields). Responses and
+# Anthropic Messages streams open with 4 and 2 events that carry no token.
+APIS: dict[str, tuple[str, int, dict[str, object]]] = {
+    "chat": ("/v1/chat/completions", 1, {"messages": [{"role": "user",
+                                                       "content": "Say something."}]}),
+    "responses": ("/v1/responses", 4, {"input": "Say something."}),
+    "messages": ("/v1/messages", 2, {"messages": [{"role": "user",
+                                                   "content": "Say something."}]}),
+}
+
+
+def build_request(port: int, tokens: int, extra: dict[str, object] | None = None,
+                  api: str = "chat") -> bytes:
+    path, _, fields = APIS[api]
+    limit = "max_output_tokens" if api == "responses" else "max_tokens"
+    body = json.dumps({"model": "bench", "stream": True, limit: tokens, **fields}).encode()
+    headers = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}",
                "Content-Type: application/json", "Accept: text/event-stream",
                f"Content-Length: {len(body)}"]
     if extra:
@@ -352,7 +365,7 @@ def build_request(port: int, tokens: int, extra: dict[str, object] | None = None
 
 
 async def one_stream(port: int, request: bytes, tokens: int, start_in: float, stop_at: float,
-                     sample: Sample) -> None:
+                     sample: Sample, first_content: int = 1) -> None:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(start_in)
     proto: Client | None = None
@@ -361,7 +374,7 @@ async def one_stream(port: int, request: bytes, tokens: int, start_in: float, st
         while clock() < stop_at:
             if proto is None or proto.closed:
                 _, proto = await loop.create_connection(
-                    lambda: Client(sample, 1, tokens), "127.0.0.1", port)
+                    lambda: Client(sample, first_content, tokens), "127.0.0.1", port)
                 first = True
             proto.measure = not first
             first = False
@@ -391,12 +404,12 @@ class Round:
 async def run_round(t: Target, upstream: psutil.Process, streams: int, duration: float,
                     tokens: int, itl: float, ttft: float, seed: int,
                     extra: dict[str, object] | None = None,
-                    stagger: float | None = None) -> Round:
+                    stagger: float | None = None, api: str = "chat") -> Round:
     """``streams`` connections for ``duration`` s; starts spread over ``stagger`` s (default:
     one response's length). With ``stagger`` given, a steady window from the last start to the
     end is measured apart (for saturation)."""
     rng = random.Random(seed)
-    request = build_request(t.port, tokens, extra)
+    request = build_request(t.port, tokens, extra, api)
     me = psutil.Process()
     sample = Sample()
     span = ttft + tokens * itl if stagger is None else stagger
@@ -429,7 +442,7 @@ async def run_round(t: Target, upstream: psutil.Process, streams: int, duration:
         sample.win_start, sample.win_end = t0 + stagger + 0.2, stop_at
         windowed = asyncio.create_task(window())
     await asyncio.gather(*(one_stream(t.port, request, tokens, rng.uniform(0, span), stop_at,
-                                      sample) for _ in range(streams)))
+                                      sample, APIS[api][1]) for _ in range(streams)))
     wall = clock() - t0
     stop_sampling.set()
     await sampler
@@ -497,16 +510,19 @@ def latency_table(results: dict[tuple[str, int], Agg], targets: Sequence[str],
              "requests (errors) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in concurrencies:
-        base = results.get(("direct", c))
         for name in targets:
-            a = results[(name, c)]
-            if name == "direct" or base is None:
+            a = results.get((name, c))
+            if a is None:
+                continue
+            api = name.partition(" ")[2]  # "sidecar (responses)": against "direct (responses)"
+            base = results.get((f"direct {api}".strip(), c))
+            if name.startswith("direct") or base is None:
                 cells = [f"[{pct(a.ttft, .5) * 1000:.2f}]", f"[{pct(a.ttft, .99) * 1000:.2f}]",
                          f"[{pct(a.itl, .5) * 1000:.2f}]", f"[{pct(a.itl, .99) * 1000:.2f}]"]
             else:
                 cells = [ms(pct(a.ttft, q) - pct(base.ttft, q)) for q in (.5, .99)]
                 cells += [ms(pct(a.itl, q) - pct(base.itl, q)) for q in (.5, .99)]
-            if name == "direct":
+            if name.startswith("direct"):
                 cpu, rss = "—", "—"
             else:
                 cpu = f"{a.cpu / a.events * 1000:.3f}" if a.events else "—"
@@ -573,6 +589,24 @@ async def bench(a: argparse.Namespace, targets: dict[str, Target], upstream: psu
                       f" itl_p99={pct(rd.sample.itl, .99) * 1000:7.2f} ms"
                       f" cpu={rd.cpu:6.2f} s  load-core={rd.load_busy:4.0%}", flush=True)
                 await asyncio.sleep(0.2)
+    # The other APIs' streams, through the sidecar only (against direct): the per-event cost of
+    # each protocol's scanner next to chat's.
+    for api in a.apis:
+        if api == "chat":
+            continue
+        pair = [n for n in ("direct", "sidecar") if n in targets]
+        for c in a.concurrency:
+            for r in range(a.rounds):
+                for name in pair[r % len(pair):] + pair[:r % len(pair)]:
+                    seed += 1
+                    rd = await run_round(targets[name], upstream, c, a.duration, a.tokens,
+                                         a.itl, a.ttft, seed, api=api)
+                    results.setdefault((f"{name} ({api})", c), Agg()).add(rd)
+                    print(f"  streams={c:<4} round={r + 1} {name} ({api}) "
+                          f"requests={rd.sample.requests:<5} "
+                          f"ttft_p50={pct(rd.sample.ttft, .5) * 1000:7.2f} ms "
+                          f"cpu={rd.cpu:6.2f} s", flush=True)
+                    await asyncio.sleep(0.2)
     sat: dict[tuple[str, float], Agg] = {}
     for itl in a.sat_itl if a.saturation > 0 else []:
         extra: dict[str, object] = {"ttft": 0.0, "itl": itl, "tokens": a.sat_tokens}
@@ -632,6 +666,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None,
                    help="Seconds per target per round (default 4; 1.5 with --quick).")
     p.add_argument("--tokens", type=int, default=32, help="Content tokens per response.")
+    p.add_argument("--apis", default="chat,responses,messages",
+                   help="Streams to relay: chat (every target), and responses (OpenAI "
+                        "Responses) and messages (Anthropic Messages) through the sidecar "
+                        "only, each against direct.")
     p.add_argument("--itl", type=float, default=0.01, help="Upstream inter-token gap (s).")
     p.add_argument("--ttft", type=float, default=0.02, help="Upstream time to first token.")
     p.add_argument("--saturation", type=int, default=256,
@@ -655,6 +693,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Where to write the Markdown tables ('' for nowhere).")
     a = p.parse_args(argv)
     a.concurrency = [int(x) for x in a.concurrency.split(",") if x]
+    a.apis = [x.strip() for x in a.apis.split(",") if x.strip()]
+    unknown = set(a.apis) - set(APIS)
+    if unknown:
+        p.error(f"--apis: unknown {', '.join(sorted(unknown))}; one of {', '.join(APIS)}")
     if a.rounds is None:
         a.rounds = 2 if a.quick else 3
     if a.duration is None:
@@ -723,7 +765,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Chunks = SSE events delivered (role, content, finish, [DONE]).",
         "",
     ]
-    lines = header + latency_table(results, names, a.concurrency)
+    rows = [*names, *[f"{n} ({api})" for api in a.apis if api != "chat"
+                      for n in ("direct", "sidecar") if n in names]]
+    lines = header + latency_table(results, rows, a.concurrency)
     if sat:
         lines += ["", f"Saturation: {a.saturation} streams of {a.sat_tokens} tokens, the gap "
                   "shrinking step by step; each cell: chunks/s delivered @ the proxy's CPU "

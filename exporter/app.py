@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import gzip
 import logging
 import os
 import signal
@@ -17,15 +18,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, cast
 from urllib.parse import urlsplit
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from exporter import labels
@@ -52,11 +52,6 @@ def slo_policy(settings: Settings) -> SloPolicy:
         except (OSError, ValueError) as e:
             raise SettingsError(f"--slo {settings.slo}: {e}") from e
     return FlagSlos(settings.slo_ttft, settings.slo_tpot, settings.slo_e2e)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 class QuietHttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -94,28 +89,76 @@ class QuietHttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 class _StampingHandler(web_protocol.RequestHandler):
     """aiohttp's connection handler, noting when each read arrived: a request's arrival is when
     its bytes were read, not when the event loop got round to starting its handler (under a
-    burst of requests that wait is milliseconds the client sees and the sidecar would miss)."""
+    burst of requests that wait is milliseconds the client sees and the sidecar would miss).
 
-    __slots__ = ("clock", "last_rx")
+    It also bounds how long a client may take over a request's head: the first byte of a
+    request arms a timer (``head_timeout``), the handler starting disarms it; a client still
+    sending its headers when it fires (slowloris) is disconnected and ``on_head_timeout``
+    called. aiohttp has no such limit of its own."""
+
+    __slots__ = ("_awaiting_head", "_head_timer", "clock", "head_timeout", "last_rx",
+                 "on_head_timeout")
     clock: Clock
     last_rx: float
+    head_timeout: float
+    on_head_timeout: Callable[[], None]
+    _awaiting_head: bool
+    _head_timer: asyncio.TimerHandle | None
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = self.clock()
+        if self._awaiting_head and self._head_timer is None and self.head_timeout:
+            self._head_timer = self._loop.call_later(self.head_timeout, self._head_late)
         super().data_received(data)
+
+    def head_in(self) -> None:
+        self._awaiting_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def request_done(self) -> None:
+        self._awaiting_head = True
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head and self.transport is not None:
+            self.on_head_timeout()
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.head_in()
+        super().connection_lost(exc)
 
 
 class _Server(web.Server):
-    """``web.Server`` whose connections are :class:`_StampingHandler`\\ s reading ``clock``."""
+    """``web.Server`` whose connections are :class:`_StampingHandler`\\ s reading ``clock``
+    and closing clients slower than ``head_timeout`` over a request's head."""
 
-    def __init__(self, *args: Any, clock: Clock, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+                 *args: Any, clock: Clock, head_timeout: float,
+                 on_head_timeout: Callable[[], None] = lambda: None, **kwargs: Any) -> None:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            proto = cast(_StampingHandler, request.protocol)
+            proto.head_in()
+            try:
+                return await handler(request)
+            finally:
+                proto.request_done()
+
+        super().__init__(handle, *args, **kwargs)
         self._clock = clock
+        self._head_timeout = head_timeout
+        self._on_head_timeout = on_head_timeout
 
     def __call__(self) -> web_protocol.RequestHandler:
         handler = _StampingHandler(self, loop=self._loop, **self._kwargs)
         handler.clock = self._clock
         handler.last_rx = self._clock()
+        handler.head_timeout = self._head_timeout
+        handler.on_head_timeout = self._on_head_timeout
+        handler._awaiting_head = True
+        handler._head_timer = None
         return handler
 
 
@@ -141,42 +184,93 @@ class WithoutCreated:
 
 
 class MetricsServer:
-    """``/metrics`` (text or OpenMetrics with exemplars, by the scraper's Accept header),
-    ``/healthz`` and ``/readyz``, in a thread so a slow collector never stalls the relay."""
+    """``/metrics`` (text or OpenMetrics with exemplars, by the scraper's Accept header;
+    gzip when accepted; ``name[]`` selects families), ``/healthz`` and ``/readyz``.
+
+    Served by an event loop of its own, in one thread: a slow collector never stalls the
+    relay, and an idle or slow client costs a few hundred bytes, not a thread (a client slower
+    than ``head_timeout`` over its headers is closed). Scrapes are rendered one at a time."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
                  ready: Callable[[], tuple[bool, str]],
-                 before_scrape: Callable[[], None] = lambda: None) -> None:
-        metrics = make_wsgi_app(WithoutCreated(registry))
-
-        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-            path = environ.get("PATH_INFO", "/")
-            if path == "/healthz":
-                start_response("200 OK", [("Content-Type", "text/plain")])
-                return [b"ok\n"]
-            if path == "/readyz":
-                ok, why = ready()
-                start_response("200 OK" if ok else "503 Service Unavailable",
-                               [("Content-Type", "text/plain")])
-                return [why.encode() + b"\n"]
-            if path in ("/metrics", "/"):
-                before_scrape()
-                return metrics(environ, start_response)  # type: ignore[no-any-return]
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"not found: try /metrics, /healthz or /readyz\n"]
-
-        self._server = make_server(host, port, app, ThreadingWSGIServer,
-                                   handler_class=_QuietHandler)
-        self.port: int = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                 before_scrape: Callable[[], None] = lambda: None,
+                 head_timeout: float = 30.0) -> None:
+        self._exposed = WithoutCreated(registry)
+        self._host, self._port = host, port
+        self._ready, self._before_scrape = ready, before_scrape
+        self._head_timeout = head_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.ServerRunner | None = None
+        self._started = threading.Event()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="llm-exporter-metrics")
+        self.port = 0
 
     def start(self) -> None:
+        """Listen and serve; raises the bind error (OSError) if the port cannot be had."""
         self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._close(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._open())
+        except OSError as e:
+            self._error = e
+        self._started.set()
+        if self._error is None:
+            loop.run_forever()
+        loop.close()
+
+    async def _open(self) -> None:
+        server = _Server(self._handle, clock=time.monotonic, head_timeout=self._head_timeout,
+                         access_log=None, logger=QuietHttpLog(logging.getLogger(
+                             "exporter.metrics_http")))
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._host, self._port, reuse_address=True).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = _bound_port(runner)
+
+    async def _close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == "/healthz":
+            return web.Response(text="ok\n")
+        if path == "/readyz":
+            ok, why = self._ready()
+            return web.Response(status=200 if ok else 503, text=why + "\n")
+        if path in ("/metrics", "/"):
+            self._before_scrape()
+            encoder, ctype = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+            names = request.query.getall("name[]", [])
+            body = encoder(self._exposed.restricted_registry(names) if names
+                           else self._exposed)
+            headers = {hdrs.CONTENT_TYPE: ctype}
+            if "gzip" in request.headers.get(hdrs.ACCEPT_ENCODING, ""):
+                body = gzip.compress(body, compresslevel=1)
+                headers[hdrs.CONTENT_ENCODING] = "gzip"
+            return web.Response(body=body, headers=headers)
+        return web.Response(status=404, text="not found: try /metrics, /healthz or /readyz\n")
 
 
 class UpstreamProbe:
@@ -264,6 +358,8 @@ class Sidecar:
         # the pooled upstream connection, and a small gzip body inflates to gigabytes.
         server = _Server(self.proxy.handle, handler_cancellation=True, access_log=None,
                          auto_decompress=False, clock=self.proxy.clock,
+                         head_timeout=s.client_header_timeout,
+                         on_head_timeout=lambda: self.metrics.error("client_timeout"),
                          logger=QuietHttpLog(logging.getLogger("exporter.http")))
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
@@ -285,16 +381,17 @@ class Sidecar:
             await web.TCPSite(rrunner, s.host, s.otlp_receiver_port).start()
             self._runners.append(rrunner)
             self.receiver_port = _bound_port(rrunner)
+        loop = asyncio.get_running_loop()
+        self._metrics_server = MetricsServer(
+            self.registry, s.metrics_host, s.metrics_port, self.ready,
+            before_scrape=lambda: self.instrumentation.flush_from_thread(loop),
+            head_timeout=s.client_header_timeout)
         try:
-            loop = asyncio.get_running_loop()
-            self._metrics_server = MetricsServer(
-                self.registry, s.metrics_host, s.metrics_port, self.ready,
-                before_scrape=lambda: self.instrumentation.flush_from_thread(loop))
+            self._metrics_server.start()
         except OSError as e:
             await self.stop()
             raise SettingsError(f"cannot listen on {s.metrics_host}:{s.metrics_port} "
                                 f"(--metrics-port): {e.strerror}") from e
-        self._metrics_server.start()
         self._started = True
 
     async def stop(self) -> None:

@@ -42,7 +42,10 @@ class MetricSpec:
 
 # --- Bounded label names (values are bounded too; see exporter.labels) -----------------------
 MODEL = "model"  # at most --max-models values, the rest "other"
-OPERATION = "operation"  # chat | text_completion
+# OpenTelemetry GenAI operation names: chat | text_completion | embeddings (exporter.protocols)
+OPERATION = "operation"
+API = "api"  # the protocol: openai_chat, openai_responses, anthropic_messages… (exporter.protocols)
+METHOD = "method"  # GET, POST, PUT, DELETE, PATCH, HEAD, OPTIONS, or other
 STREAM = "stream"  # true | false
 STATUS_CLASS = "status_class"  # 1xx..5xx, or "none" when no response status was received
 # stop | length | tool_calls | content_filter | cancelled | error | other
@@ -72,6 +75,8 @@ PHASE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 3
 # Inter-token gaps: from a few ms (a large GPU batch) to the seconds of a stalled stream.
 ITL_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5,
                1.0)
+# Inputs per batch request (embeddings, rerank, score): powers of 2 up to 1024.
+INPUTS_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0)
 # Tokens per request: the OpenTelemetry GenAI token-usage boundaries (powers of 4) from 16 to
 # 256k; fewer than 16 tokens land in the first bucket.
 TOKEN_BUCKETS = (16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0)
@@ -119,10 +124,23 @@ OUTPUT_TOKENS_PER_REQUEST = MetricSpec(
     PREFIX + "request_output_tokens", Kind.HISTOGRAM,
     "Output (completion) tokens per request.", _LAT, TOKEN_BUCKETS)
 
+REQUEST_INPUTS = MetricSpec(
+    PREFIX + "request_inputs", Kind.HISTOGRAM,
+    "Inputs per batch request (embeddings, rerank, score, classify, pooling): how many texts "
+    "one request carried.", _LAT, INPUTS_BUCKETS)
+
 REQUESTS = MetricSpec(
     PREFIX + "requests", Kind.COUNTER,
-    "Requests finished, by status class and finish reason (cancelled = client went away).",
-    (MODEL, OPERATION, STREAM, STATUS_CLASS, FINISH_REASON))
+    "Requests finished, by API, status class and finish reason (cancelled = client went "
+    "away).", (MODEL, OPERATION, API, STREAM, STATUS_CLASS, FINISH_REASON))
+UNMATCHED_REQUESTS = MetricSpec(
+    PREFIX + "unmatched_requests", Kind.COUNTER,
+    "Requests no route matched (relayed unmeasured: model lists, health checks, paths to map "
+    "with --route), by method and status class; never by path.", (METHOD, STATUS_CLASS))
+UNMATCHED_DURATION = MetricSpec(
+    PREFIX + "unmatched_request_duration_seconds", Kind.HISTOGRAM,
+    "Duration of requests no route matched: arrival to the last byte relayed.", (METHOD,),
+    DURATION_BUCKETS)
 INPUT_TOKENS = MetricSpec(
     PREFIX + "input_tokens", Kind.COUNTER, "Input (prompt) tokens processed.", (MODEL,))
 OUTPUT_TOKENS = MetricSpec(
@@ -139,7 +157,7 @@ PHASE_SOURCE = MetricSpec(
 ERRORS = MetricSpec(
     PREFIX + "errors", Kind.COUNTER,
     "Errors by type: upstream_connect, upstream_timeout, upstream_protocol, client_disconnect, "
-    "queue_full, instrumentation.", (ERROR_TYPE,))
+    "client_timeout (headers too slow: closed), queue_full, instrumentation.", (ERROR_TYPE,))
 SLO_REQUESTS = MetricSpec(
     PREFIX + "slo_requests", Kind.COUNTER,
     "Requests judged against each configured SLO threshold: good or bad.",

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +21,12 @@ from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ge
 from exporter import engine_timings, labels
 from exporter.metrics import Outcome, SidecarMetrics
 from exporter.otlp_receiver import EngineSpanStore
+from exporter.protocols import Reply, stream_texts
 from exporter.proxy import Exchange, Hooks
-from exporter.sse import choice_texts, content_text
 from exporter.timeline import EngineTimings, derive
 from exporter.tokens import TokenCounter
 from exporter.tracing import (
+    ATTR_API,
     ATTR_PHASE_SOURCE,
     ATTR_QUEUE,
     ATTR_TOKEN_SOURCE,
@@ -45,11 +45,9 @@ RECORD_DELAY = 0.005
 class _Result:
     """What the response said, decoded once."""
 
-    usage: Mapping[str, Any] | None
-    finish_reason: str | None
+    reply: Reply
     engine: EngineTimings | None
     text: str | None  # generated text, only when captured (tokenizer or --capture-content)
-    response_model: str | None
 
 
 class Instrumentation(Hooks):
@@ -75,16 +73,11 @@ class Instrumentation(Hooks):
             self.tracer.inject(ex.span, carrier)
             return carrier
         attrs: dict[str, Any] = {genai.GEN_AI_REQUEST_MODEL: model[:256],
-                                 GEN_AI_REQUEST_STREAM: ex.stream}
+                                 GEN_AI_REQUEST_STREAM: ex.stream,
+                                 ATTR_API: ex.protocol.name, **ex.attrs}
         body = ex.body or {}
-        for key, attr in (("max_tokens", genai.GEN_AI_REQUEST_MAX_TOKENS),
-                          ("max_completion_tokens", genai.GEN_AI_REQUEST_MAX_TOKENS),
-                          ("temperature", genai.GEN_AI_REQUEST_TEMPERATURE),
-                          ("top_p", genai.GEN_AI_REQUEST_TOP_P)):
-            if isinstance(body.get(key), int | float) and not isinstance(body.get(key), bool):
-                attrs[attr] = body[key]
         if self.tracer.capture_content:
-            prompt = body.get("messages", body.get("prompt"))
+            prompt = next((body[k] for k in _PROMPT_KEYS if k in body), None)
             if prompt is not None:
                 attrs[genai.GEN_AI_INPUT_MESSAGES] = json.dumps(prompt, ensure_ascii=False)
         ex.span = self.tracer.start(ex.headers, ex.operation, model[:128],
@@ -98,6 +91,10 @@ class Instrumentation(Hooks):
 
     def error(self, kind: str) -> None:
         self.metrics.error(kind)
+
+    def unmatched(self, method: str, status: int | None, seconds: float) -> None:
+        self.metrics.unmatched_request(labels.method(method), labels.status_class(status),
+                                       seconds)
 
     def instrumentation_error(self, where: str, exc: BaseException) -> None:
         self.metrics.instrumentation_error(where, exc)
@@ -142,8 +139,7 @@ class Instrumentation(Hooks):
     def _finish(self, ex: Exchange) -> None:
         result = self._result(ex)
         need_tokens = self.tokens is not None and ex.body is not None and (
-            result.usage is None or not _has(result.usage, "completion_tokens")
-            or not _has(result.usage, "prompt_tokens"))
+            result.reply.output_tokens is None or result.reply.input_tokens is None)
         need_span = (self.spans is not None and result.engine is None and ex.span is not None
                      and _ok(ex))
         if not (need_tokens or need_span):
@@ -185,35 +181,25 @@ class Instrumentation(Hooks):
         return prompt, output
 
     def _result(self, ex: Exchange) -> _Result:
-        usage: Mapping[str, Any] | None = None
-        finish: str | None = None
+        reply = Reply()
         timings: EngineTimings | None = None
         text: str | None = None
-        model: str | None = None
         if ex.upstream_headers is not None:
             timings = engine_timings.from_headers(ex.upstream_headers)
-        if ex.scanner is not None:
-            usage, finish = ex.scanner.usage, ex.scanner.finish_reason
-            if ex.scanner.timings is not None:
-                timings = engine_timings.from_timings(ex.scanner.timings) or timings
+        dialect = ex.protocol.dialect
+        if ex.scanner is not None and dialect is not None:
+            reply = ex.scanner.reply
             if ex.captured and not ex.capture_overflow:
-                text = content_text(b"".join(ex.captured))
+                text = "".join(stream_texts(dialect, b"".join(ex.captured)))
         elif ex.captured and not ex.capture_overflow:
             try:
                 obj = json.loads(b"".join(ex.captured))
             except (ValueError, RecursionError):
                 obj = None  # not JSON (or compressed): relayed untouched, counted without it
-            if isinstance(obj, dict):
-                usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
-                choices = obj.get("choices")
-                if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-                    fr = choices[0].get("finish_reason")
-                    finish = fr if isinstance(fr, str) else None
-                if isinstance(obj.get("timings"), dict):
-                    timings = engine_timings.from_timings(obj["timings"]) or timings
-                text = "".join(choice_texts(obj, delta=False))
-                model = obj.get("model") if isinstance(obj.get("model"), str) else None
-        return _Result(usage, finish, timings, text, model)
+            if obj is not None:
+                reply = ex.protocol.whole(obj)
+                text = "".join(reply.texts)
+        return _Result(reply, reply.timings or timings, text)
 
     def _record(self, ex: Exchange, r: _Result,
                 counted: tuple[int | None, int | None] | None) -> None:
@@ -225,8 +211,13 @@ class Instrumentation(Hooks):
     def _record_unguarded(self, ex: Exchange, r: _Result,
                           counted: tuple[int | None, int | None] | None) -> None:
         tl = ex.timeline
-        input_tokens, input_source = _usage(r.usage, "prompt_tokens")
-        output_tokens, output_source = _usage(r.usage, "completion_tokens")
+        reply = r.reply
+        input_tokens, input_source = reply.input_tokens, "usage"
+        output_tokens, output_source = reply.output_tokens, "usage"
+        if input_tokens is None:
+            input_source = "none"
+        if output_tokens is None:
+            output_source = "none"
         if counted is not None:
             if input_tokens is None and counted[0] is not None:
                 input_tokens, input_source = counted[0], "tokenizer"
@@ -244,14 +235,15 @@ class Instrumentation(Hooks):
         elif ex.error or ex.status is None or ex.status >= 400:
             finish = "error"
         else:
-            finish = labels.finish_reason(r.finish_reason)
+            finish = labels.finish_reason(reply.finish_reason)
         ok = bool(ex.status and 200 <= ex.status < 300)
         model = self.labels.label(ex.model, accepted=ok)
         iv = derive(tl, output_tokens, r.engine)
         trace_id = self.tracer.trace_id(ex.span) if ex.span is not None else None
         self.metrics.record(Outcome(
-            model, ex.operation, ex.stream, labels.status_class(ex.status), finish, iv,
-            input_tokens, output_tokens, input_source, output_source, trace_id))
+            model, ex.operation, ex.protocol.name, ex.stream, labels.status_class(ex.status),
+            finish, iv, input_tokens, output_tokens, input_source, output_source, trace_id,
+            ex.inputs))
         if ex.span is not None and self.tracer.recording:
             self._end_span(ex, r, iv, input_tokens, output_tokens, output_source, finish)
 
@@ -279,8 +271,8 @@ class Instrumentation(Hooks):
             attrs[genai.GEN_AI_USAGE_INPUT_TOKENS] = input_tokens
         if output_tokens is not None:
             attrs[genai.GEN_AI_USAGE_OUTPUT_TOKENS] = output_tokens
-        if r.response_model:
-            attrs[genai.GEN_AI_RESPONSE_MODEL] = r.response_model[:256]
+        if r.reply.model:
+            attrs[genai.GEN_AI_RESPONSE_MODEL] = r.reply.model[:256]
         if iv.queue is not None:
             attrs[ATTR_QUEUE] = iv.queue
         if iv.ttft is not None:
@@ -297,12 +289,5 @@ def _ok(ex: Exchange) -> bool:
     return bool(ex.status and 200 <= ex.status < 300) and not ex.cancelled and not ex.error
 
 
-def _has(usage: Mapping[str, Any], key: str) -> bool:
-    v = usage.get(key)
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _usage(usage: Mapping[str, Any] | None, key: str) -> tuple[int | None, str]:
-    if usage is not None and _has(usage, key):
-        return int(usage[key]), "usage"
-    return None, "none"
+# Where a request body keeps its prompt, by protocol (for --capture-content only).
+_PROMPT_KEYS = ("messages", "prompt", "input", "inputs", "text", "query")

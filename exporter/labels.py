@@ -8,7 +8,7 @@ OTHER = "other"
 UNKNOWN = "unknown"
 _MAX_LEN = 128
 
-OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call",
                             "cancelled", "error", "abort"})
 
@@ -33,6 +33,10 @@ class ModelLabels:
 
 def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
+
+
+def method(value: str) -> str:
+    return value if value in METHODS else OTHER
 
 
 def finish_reason(value: str | None) -> str:

@@ -74,6 +74,7 @@ class Outcome:
 
     model: str
     operation: str
+    api: str
     stream: bool
     status_class: str
     finish_reason: str
@@ -83,6 +84,7 @@ class Outcome:
     input_source: str
     output_source: str
     trace_id: str | None
+    inputs: int | None = None  # batch size of a pooling request
 
 
 class _StateCollector(Collector):
@@ -117,6 +119,10 @@ class SidecarMetrics:
         self.itl = hist(c.ITL)
         self.input_per_request = hist(c.INPUT_TOKENS_PER_REQUEST)
         self.output_per_request = hist(c.OUTPUT_TOKENS_PER_REQUEST)
+        self.inputs = hist(c.REQUEST_INPUTS)
+        self.unmatched = Counter(c.UNMATCHED_REQUESTS.name, c.UNMATCHED_REQUESTS.help,
+                                 c.UNMATCHED_REQUESTS.labels, registry=registry)
+        self.unmatched_duration = hist(c.UNMATCHED_DURATION)
         self.requests = Counter(c.REQUESTS.name, c.REQUESTS.help, c.REQUESTS.labels,
                                 registry=registry)
         self.input_tokens = Counter(c.INPUT_TOKENS.name, c.INPUT_TOKENS.help,
@@ -140,7 +146,7 @@ class SidecarMetrics:
         self.build.info({"version": __version__, c.ENGINE: state.engine})
         registry.register(_StateCollector(state))
         for t in ("upstream_connect", "upstream_timeout", "upstream_protocol",
-                  "client_disconnect", "queue_full", "instrumentation"):
+                  "client_disconnect", "client_timeout", "queue_full", "instrumentation"):
             self.errors.labels(t)  # exported at 0 from the start, so rate() works at once
         # Without --max-concurrency nothing waits in the sidecar: a histogram of zeros would
         # cost ~16 series per (model, operation) and say nothing.
@@ -150,6 +156,10 @@ class SidecarMetrics:
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()
+
+    def unmatched_request(self, method: str, status_class: str, seconds: float) -> None:
+        self._child(self.unmatched, method, status_class).inc()
+        _observe_one(self._child(self.unmatched_duration, method), seconds, None)
 
     def instrumentation_error(self, where: str, exc: BaseException | None = None) -> None:
         """Count it; log the first occurrence per place with where it was raised, then stay
@@ -177,7 +187,7 @@ class SidecarMetrics:
         ex: dict[str, str] | None = {"trace_id": o.trace_id} if o.trace_id else None
         stream = "true" if o.stream else "false"
         child = self._child
-        child(self.requests, o.model, o.operation, stream, o.status_class,
+        child(self.requests, o.model, o.operation, o.api, stream, o.status_class,
               o.finish_reason).inc()
         if iv.e2e is not None:
             _observe_one(child(self.duration, *lat), iv.e2e, ex)
@@ -198,6 +208,8 @@ class SidecarMetrics:
                              ("engine_queue", iv.engine_queue)):
             if value is not None:
                 child(self.phase_source, phase, iv.phase_source).inc()
+        if o.inputs is not None:
+            _observe_one(child(self.inputs, *lat), o.inputs, None)
         if o.input_tokens is not None:
             child(self.input_tokens, o.model).inc(o.input_tokens)
             _observe_one(child(self.input_per_request, *lat), o.input_tokens, None)

@@ -1,7 +1,8 @@
 """The transparent relay. Every path and method goes upstream; the status, end-to-end headers
 and body the client receives are the upstream's, byte for byte, streamed as they arrive.
 
-For the two LLM routes the relay also fills a :class:`~exporter.timeline.Timeline` and hands
+The route table (exporter.protocols) says which inference API a request speaks; for those the
+relay also fills a :class:`~exporter.timeline.Timeline` and hands
 the finished request to ``finish`` (metrics, spans): one cleanup path for success, upstream
 failure and client disconnect alike. Instrumentation never breaks the data path: every step
 that only measures is guarded, counted and logged once.
@@ -12,22 +13,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from exporter.labels import OPERATIONS
+from exporter.protocols import Protocol, RouteTable, StreamScanner, parse_route
 from exporter.settings import Settings, shown_url
-from exporter.sse import StreamScanner
 from exporter.state import ProxyState
 from exporter.timeline import Clock, Timeline
-from exporter.transport import Pool, RequestBodyMismatch, Response, UpstreamError
+from exporter.transport import (
+    Pool,
+    RequestBodyMismatch,
+    Response,
+    UpstreamError,
+    UpstreamProtocolError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Proxy-Connection"))
 _CHUNK = 64 * 1024
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes decoded with surrogateescape
 
 
 class RelayResponse(web.StreamResponse):
@@ -50,18 +59,38 @@ class RelayResponse(web.StreamResponse):
         for h in self._absent:
             self._headers.popall(h, None)
 
+    async def _write_headers(self) -> None:
+        """aiohttp's serializer drops header bytes that are not UTF-8; the upstream's go out
+        as they came (the transport decoded them with ``surrogateescape``)."""
+        if not any(_NOT_UTF8.search(v) for v in (self._reason or "", *self._headers.keys(),
+                                                  *self._headers.values())):
+            await super()._write_headers()
+            return
+        request, writer = self._req, cast(StreamWriter, self._payload_writer)
+        assert request is not None and writer is not None
+        lines = [f"HTTP/{request.version[0]}.{request.version[1]} {self._status} "
+                 f"{self._reason}", *(f"{k}: {v}" for k, v in self._headers.items())]
+        if any("\r" in line or "\n" in line for line in lines):  # llhttp never yields one
+            raise ValueError("a response header holds a line break")
+        head = "\r\n".join(lines) + "\r\n\r\n"
+        writer._headers_buf = head.encode("utf-8", "surrogateescape")
+        writer._headers_written = False
+        writer.send_headers()
+
 
 @dataclass(slots=True)
 class Exchange:
-    """One LLM request as the relay saw it: what ``finish`` turns into metrics and spans."""
+    """One measured request as the relay saw it: what ``finish`` turns into metrics and spans."""
 
-    operation: str
+    protocol: Protocol
     timeline: Timeline
     wall_ns_at_arrival: int
     headers: CIMultiDictProxy[str]
     body: dict[str, Any] | None = None
     model: Any = None
     stream: bool = False
+    inputs: int | None = None  # batch size (embeddings, rerank…)
+    attrs: dict[str, Any] = field(default_factory=dict)  # the protocol's GenAI request attributes
     injected_usage: bool = False
     probe_usage: bool = False
     status: int | None = None
@@ -74,6 +103,10 @@ class Exchange:
     error: str | None = None  # errors_total type, or None
     cancelled: bool = False
     span: Any = None
+
+    @property
+    def operation(self) -> str:
+        return self.protocol.operation
 
     def capture(self, data: bytes, limit: int) -> None:
         if self.capture_overflow:
@@ -94,6 +127,9 @@ class Hooks:
         return {}
 
     def finished(self, ex: Exchange) -> None: ...
+
+    def unmatched(self, method: str, status: int | None, seconds: float) -> None:
+        """A request no route matched, relayed (or failed) after ``seconds``."""
 
     def error(self, kind: str) -> None: ...
 
@@ -120,11 +156,15 @@ def _forward_headers(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CI
     return out
 
 
-_REQUEST_DROP = frozenset({"host", "content-length"})
+# Expect is answered by the sidecar itself (100 Continue), never by the upstream.
+_REQUEST_DROP = frozenset({"host", "content-length", "expect"})
+_XFF = "X-Forwarded-For"
 # An upstream that refuses an injected stream_options (400/422) and accepts the same request
 # as the client sent it this many times in a row is not asked again: one client's odd body
 # (an encoding, a schema its own server rejects) is not evidence about the upstream.
 USAGE_REFUSALS_TO_STOP = 3
+# Models whose usage behaviour is learnt one by one; further ones are asked without a probe.
+MAX_PROBED = 256
 _RESPONSE_DROP: frozenset[str] = frozenset()
 
 
@@ -138,54 +178,35 @@ class Proxy:
         self.clock = clock
         self.wall_ns = wall_ns
         self.base = settings.upstream.rstrip("/")
+        self.routes = RouteTable(parse_route(r) for r in settings.route)
         self._sem = (asyncio.Semaphore(settings.max_concurrency)
                      if settings.max_concurrency > 0 else None)
-        self._session: aiohttp.ClientSession | None = None
         self._pool: Pool | None = None
-        # "probe": relay the first stream that did not ask for usage untouched and see whether
-        # usage comes anyway (some servers always send it); then "inject" or "off". One probe
-        # at a time: streams arriving while it runs are injected.
+        # "probe": for each model, relay its first stream that did not ask for usage untouched
+        # and see whether usage comes anyway (some servers send it for some models); then
+        # "inject" or "off" for that model. One probe per model at a time: streams arriving
+        # while it runs are injected. "inject" / "off" here hold for every model.
         self.usage_mode = "probe" if settings.inject_usage else "off"
-        self._probing = False  # a probe stream is in flight
+        self._model_usage: dict[str, str] = {}  # settled per model (bounded, MAX_PROBED)
+        self._probing: set[str] = set()  # models with a probe stream in flight
         self._refusals = 0  # injected requests refused in a row, each accepted as sent
         self._scan_error = self._scanner_error  # one bound method, not one per request
         self.base_shown = shown_url(self.base)  # for messages: no credentials
 
     async def start(self) -> None:
-        # LLM routes go through the lean client (exporter.transport) and time reads with one
-        # coarse watchdog per request (_Watchdog). Other routes keep aiohttp's client.
+        # Every route goes through the lean client (exporter.transport); reads are timed by
+        # one coarse watchdog per request (_Watchdog).
         self._pool = Pool(self.base, connect_timeout=self.settings.connect_timeout or None)
-        timeout = aiohttp.ClientTimeout(total=None,
-                                        connect=self.settings.connect_timeout or None)
-        self._passthrough_timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.settings.connect_timeout or None,
-            sock_read=self.settings.upstream_timeout or None)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=False),
-            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=(hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT,
-                               hdrs.CONTENT_TYPE))
 
     async def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Proxy.start() was not awaited"
-        return self._session
 
     @property
     def upstream(self) -> Pool:
         assert self._pool is not None, "Proxy.start() was not awaited"
         return self._pool
-
-    def upstream_url(self, request: web.BaseRequest) -> URL:
-        return URL(self.base + _origin_form(request.raw_path), encoded=True)
 
     # --- request bodies -------------------------------------------------------------------
     async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None,
@@ -197,8 +218,8 @@ class Proxy:
         length = request.content_length
         if length is not None and length <= limit:
             return await request.content.read(), None
-        if length is not None:
-            return None, _exactly(request.content, length)
+        if length is not None:  # Pool._send_stream holds it to exactly that length
+            return None, request.content.iter_chunked(_CHUNK)
         buf = bytearray()
         while len(buf) <= limit:
             chunk = await request.content.readany()
@@ -209,46 +230,100 @@ class Proxy:
 
     # --- entry point ------------------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        operation = OPERATIONS.get(request.path) if request.method == hdrs.METH_POST else None
-        if operation is None:
-            return await self._passthrough(request)
-        return await self._llm(request, operation)
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None:
+            if expect.strip().lower() != "100-continue":
+                return openai_error(417, "only 'Expect: 100-continue' is understood",
+                                    "invalid_request_error")
+            if request.version >= (1, 1) and request.body_exists and \
+                    request.transport is not None:
+                # The client waits for this before it sends its body (curl does for bodies
+                # over 1 MiB); the upstream never sees the Expect header (dropped below).
+                request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        protocol = self.routes.match(request.method, request.path)
+        if protocol is None:
+            return await self._unmatched(request)
+        return await self._llm(request, protocol)
+
+    def _headers_out(self, request: web.BaseRequest) -> CIMultiDict[str]:
+        """The client's end-to-end headers as the upstream gets them, with X-Forwarded-For
+        as --forwarded-for says (default: the client's list with its peer appended, as
+        nginx's ``$proxy_add_x_forwarded_for``)."""
+        headers = _forward_headers(request.headers, _REQUEST_DROP)
+        mode = self.settings.forwarded_for
+        if mode != "pass":
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            addr = peer[0] if isinstance(peer, tuple) and peer else None
+            given = ", ".join(headers.popall(_XFF, ()))
+            if mode == "append" and given:
+                headers[_XFF] = f"{given}, {addr}" if addr else given
+            elif addr:
+                headers[_XFF] = addr
+        return headers
+
+    async def _unmatched(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A request no route matched: relayed all the same, counted by method and status."""
+        t0 = self.clock()
+        status: int | None = None
+        try:
+            resp = await self._passthrough(request)
+            status = resp.status
+            return resp
+        finally:
+            try:
+                self.hooks.unmatched(request.method, status, self.clock() - t0)
+            except Exception as e:
+                self.hooks.instrumentation_error("unmatched", e)
 
     async def _passthrough(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Relayed byte for byte on the same upstream connections, nothing measured."""
         body, body_stream = await self._read_body(request)
-        headers = _forward_headers(request.headers, _REQUEST_DROP)
-        if body_stream is not None and request.content_length is not None:
-            headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
+        timeout = self.settings.upstream_timeout or None
         try:
-            up = await self.session.request(
-                request.method, self.upstream_url(request), headers=headers,
-                data=body_stream if body_stream is not None else (body or None),
-                allow_redirects=False, timeout=self._passthrough_timeout)
+            async with asyncio.timeout(timeout):
+                up = await self._send(request, self._headers_out(request),
+                                      body_stream if body_stream is not None else body)
         except RequestBodyMismatch as e:
             return self._short_body(request, e)
         except Exception as e:
             return self._upstream_failure(e)
         resp: web.StreamResponse | None = None
+        watchdog = _Watchdog(up, timeout, self.clock) if timeout else None
         try:
             resp = await self._prepare(request, up)
-            async for data in up.content.iter_any():
-                await resp.write(data)
+            write = _client_writer(request, resp, up)
+            if watchdog is None:
+                up.attach(write)
+            else:
+                def sink(data: bytes) -> None:
+                    watchdog.last = self.clock()
+                    write(data)
+                up.attach(sink)
+            await up.run(request.writer.drain)
             await resp.write_eof()
             return resp
         except ConnectionResetError:
             return resp if resp is not None else web.Response(status=499)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError, TimeoutError):
-            up.close()
+        except (UpstreamError, TimeoutError) as e:
+            self.hooks.error("upstream_timeout" if isinstance(e, TimeoutError)
+                             else "upstream_protocol")
             _abort(request)
             return resp if resp is not None else web.Response(status=499)
         finally:
-            up.close() if not up.content.at_eof() else up.release()
+            if watchdog is not None:
+                watchdog.cancel()
+            up.close()
 
     def _upstream_failure(self, e: BaseException) -> web.Response:
-        if isinstance(e, aiohttp.ServerTimeoutError | TimeoutError):
+        if isinstance(e, TimeoutError):
             self.hooks.error("upstream_timeout")
             return openai_error(504, f"upstream {self.base_shown} did not answer within "
                                 f"{self.settings.upstream_timeout:g} s", "upstream_timeout")
+        if isinstance(e, UpstreamProtocolError):
+            self.hooks.error("upstream_protocol")
+            log.warning("upstream %s: %s", self.base_shown, e)
+            return openai_error(502, f"upstream {self.base_shown} sent no usable response: "
+                                f"{e}", "upstream_protocol")
         self.hooks.error("upstream_connect")
         why = shown_url(str(e))
         log.warning("upstream %s unreachable: %s", self.base_shown, why)
@@ -263,7 +338,7 @@ class Proxy:
         return openai_error(400, str(e), "invalid_request_error")
 
     async def _prepare(self, request: web.BaseRequest,
-                       up: aiohttp.ClientResponse | Response) -> RelayResponse:
+                       up: Response) -> RelayResponse:
         resp = RelayResponse(status=up.status, reason=up.reason,
                              headers=_forward_headers(up.headers, _RESPONSE_DROP))
         if request.version < (1, 1) and hdrs.CONTENT_LENGTH not in up.headers:
@@ -274,24 +349,24 @@ class Proxy:
         return resp
 
     # --- LLM routes -------------------------------------------------------------------------
-    async def _llm(self, request: web.BaseRequest, operation: str) -> web.StreamResponse:
+    async def _llm(self, request: web.BaseRequest, protocol: Protocol) -> web.StreamResponse:
         now, wall = self.clock(), self.wall_ns()
         # When the request's bytes were read (the server's handler notes it), if earlier.
         arrival = min(now, getattr(request.protocol, "last_rx", now))
-        ex = Exchange(operation, Timeline(arrival), wall - int((now - arrival) * 1e9),
+        ex = Exchange(protocol, Timeline(arrival), wall - int((now - arrival) * 1e9),
                       request.headers)
         body, body_stream = await self._read_body(request)
         send: bytes | AsyncIterator[bytes] | None = body_stream
         if body is not None:
             send = body
-            self._parse_request(ex, body)
+            self._parse_request(ex, body, request.path)
             if ex.injected_usage and ex.body is not None:
                 try:
                     send = _with_usage(body, ex.body)
                 except (ValueError, RecursionError):  # UnicodeEncodeError: lone surrogate
                     ex.injected_usage = False  # relayed as sent; counted from other sources
         extra = self._guard("started", self.hooks.started, ex) or {}
-        headers = _forward_headers(request.headers, _REQUEST_DROP)
+        headers = self._headers_out(request)
         for k in extra:
             headers.popall(k, None)
         headers.update(extra)
@@ -322,15 +397,15 @@ class Proxy:
                 self.state.in_flight -= 1
                 if self._sem is not None:
                     self._sem.release()
-            if ex.probe_usage:
-                self._probing = False  # settled, or failed: a later stream probes again
+            if ex.probe_usage:  # settled, or failed: a later stream probes again
+                self._probing.discard(ex.model if isinstance(ex.model, str) else "")
             if ex.timeline.end is None:
                 ex.timeline.end = self.clock()
             if ex.cancelled:
                 self.hooks.error("client_disconnect")
             self._guard("finished", self.hooks.finished, ex)
 
-    def _parse_request(self, ex: Exchange, body: bytes) -> None:
+    def _parse_request(self, ex: Exchange, body: bytes, path: str) -> None:
         """What the measurement needs from the request body; a body it cannot parse (not JSON,
         compressed, nested past Python's recursion limit) is relayed and counted all the same."""
         try:
@@ -340,20 +415,46 @@ class Proxy:
         if not isinstance(obj, dict):
             return
         ex.body = obj
-        ex.model = obj.get("model")
-        ex.stream = obj.get("stream") is True
+        try:
+            if ex.protocol.pick is not None:
+                ex.protocol = ex.protocol.pick(obj)
+            info = ex.protocol.request(obj, path)
+        except Exception as e:  # a protocol's reader met a shape it did not expect
+            self.hooks.instrumentation_error("request " + ex.protocol.name, e)
+            return
+        ex.model, ex.stream, ex.inputs, ex.attrs = info.model, info.stream, info.inputs, \
+            info.attrs
+        if ex.protocol.inject_usage:
+            self._plan_usage(ex, obj, body)
+
+    def _plan_usage(self, ex: Exchange, obj: dict[str, Any], body: bytes) -> None:
         opts = obj.get("stream_options")
-        asked = isinstance(opts, dict) and opts.get("include_usage") is True
-        if ex.stream and not asked and (opts is None or isinstance(opts, dict)):
-            if self.usage_mode == "probe" and not self._probing:
-                self._probing = ex.probe_usage = True  # one probe at a time
+        # Only a request that plainly did not ask (no stream_options, no include_usage, or
+        # include_usage false) is changed: a value of another type (1, "true") is the client's
+        # and the upstream's business, relayed as sent with its answer.
+        unasked = opts is None or (isinstance(opts, dict) and (
+            opts.get("include_usage") is None or opts.get("include_usage") is False))
+        if ex.stream and unasked:
+            mode = self._usage_mode(ex.model)
+            if mode == "off":
+                return
+            key = ex.model if isinstance(ex.model, str) else ""
+            if mode == "probe" and key not in self._probing:
+                self._probing.add(key)  # one probe per model at a time
+                ex.probe_usage = True
             else:
                 # While the probe is out, streams ask for usage: their counts stay exact
                 # (an upstream that refuses is asked again as the client asked, below).
                 # Only UTF-8 bodies (what JSON on the web is): a splice into UTF-16 would
                 # corrupt the client's request.
-                ex.injected_usage = (self.usage_mode != "off"
-                                     and json.detect_encoding(body) == "utf-8")
+                ex.injected_usage = json.detect_encoding(body) == "utf-8"
+
+    def _usage_mode(self, model: Any) -> str:
+        if self.usage_mode != "probe":
+            return self.usage_mode
+        key = model if isinstance(model, str) else ""
+        default = "probe" if len(self._model_usage) < MAX_PROBED else "inject"
+        return self._model_usage.get(key, default)
 
     async def _send(self, request: web.BaseRequest, headers: CIMultiDict[str],
                     data: bytes | AsyncIterator[bytes] | None) -> Response:
@@ -386,27 +487,34 @@ class Proxy:
         except Exception as e:
             failure = self._upstream_failure(e)
             ex.status = failure.status
-            ex.error = "upstream_timeout" if failure.status == 504 else "upstream_connect"
+            ex.error = ("upstream_timeout" if failure.status == 504 else "upstream_protocol"
+                        if isinstance(e, UpstreamProtocolError) else "upstream_connect")
             return failure
         ex.status = up.status
         ex.upstream_headers = up.headers
-        sse = up.status == 200 and "text/event-stream" in up.headers.get(hdrs.CONTENT_TYPE, "")
-        capture = not sse or bool(self._guard("wants_capture", self.hooks.wants_capture, ex))
+        dialect = ex.protocol.dialect
+        if dialect is not None and (up.status != 200 or not any(
+                t in up.headers.get(hdrs.CONTENT_TYPE, "") for t in dialect.framing.content_types)):
+            dialect = None  # not a stream: an error body, or a complete response
+        capture = dialect is None or bool(self._guard("wants_capture", self.hooks.wants_capture,
+                                                       ex))
         resp: web.StreamResponse | None = None
         watchdog = _Watchdog(up, timeout, self.clock) if timeout else None
         try:
             resp = await self._prepare(request, up)
             write = _client_writer(request, resp, up)
-            scanner = ex.scanner = StreamScanner(ex.injected_usage, self._scan_error) \
-                if sse else None
+            scanner = ex.scanner = StreamScanner(dialect, ex.injected_usage, self._scan_error) \
+                if dialect is not None else None
             up.attach(self._sink(ex, scanner, write, capture, watchdog))
             await up.run(request.writer.drain)
             if scanner is not None:
-                tail = scanner.flush()
+                n, tail = scanner.flush()
+                if n:
+                    ex.timeline.content(self.clock(), n)
                 if tail:
                     write(tail)
                 if ex.probe_usage and self.usage_mode == "probe":
-                    self._settle_usage_mode(scanner)
+                    self._settle_usage_mode(ex, scanner)
             ex.timeline.end = self.clock()
             await resp.write_eof()
             return resp
@@ -453,7 +561,7 @@ class Proxy:
             try:
                 n, out = feed(data)
             except Exception as e:  # never let measuring cost the client a byte
-                error("sse scan", e)
+                error("stream scan", e)
                 n, out = 0, scanner.abandon(data)
             if out:
                 write(out)
@@ -464,7 +572,7 @@ class Proxy:
         return sse
 
     def _scanner_error(self, what: str) -> None:
-        self.hooks.instrumentation_error("sse scan", ValueError(what))
+        self.hooks.instrumentation_error("stream scan", ValueError(what))
 
     def _refused(self) -> None:
         """An injected request was refused and the same request as sent accepted: after
@@ -476,12 +584,15 @@ class Proxy:
                         "--tokenizer or chunks", self._refusals)
             self.usage_mode = "off"
 
-    def _settle_usage_mode(self, scanner: StreamScanner) -> None:
-        self.usage_mode = "off" if scanner.usage is not None else "inject"
-        log.info("upstream %s usage on streams unasked; %s", "sends" if
-                 self.usage_mode == "off" else "does not send",
-                 "relaying as is" if self.usage_mode == "off" else
-                 "asking for it (stream_options.include_usage) from now on")
+    def _settle_usage_mode(self, ex: Exchange, scanner: StreamScanner) -> None:
+        mode = "off" if scanner.reply.usage_seen else "inject"
+        key = ex.model if isinstance(ex.model, str) else ""
+        if key not in self._model_usage and len(self._model_usage) < MAX_PROBED:
+            self._model_usage[key] = mode
+            log.info("upstream %s usage on streams unasked for one model; %s", "sends" if
+                     mode == "off" else "does not send", "relaying its streams as they are"
+                     if mode == "off" else "asking for it (stream_options.include_usage) "
+                     "from now on")
 
     def _guard(self, where: str, fn: Callable[[Exchange], Any], ex: Exchange) -> Any:
         try:
@@ -557,17 +668,6 @@ async def _chain(first: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[byte
     yield first
     async for chunk in rest.iter_chunked(_CHUNK):
         yield chunk
-
-
-async def _exactly(body: aiohttp.StreamReader, length: int) -> AsyncIterator[bytes]:
-    """The client's body, which must be ``length`` bytes: a short one (the client went away)
-    raises instead of leaving the upstream waiting for, or parsing, bytes that never come."""
-    seen = 0
-    async for chunk in body.iter_chunked(_CHUNK):
-        seen += len(chunk)
-        yield chunk
-    if seen != length:
-        raise RequestBodyMismatch(f"request body of {seen} bytes, {length} declared")
 
 
 def _origin_form(target: str) -> str:

@@ -50,6 +50,24 @@ class Settings:
     upstream_timeout: float = _opt(600.0, "Seconds to wait for upstream response headers, and "
                                    "between two body chunks, before answering 504 (or closing "
                                    "the stream). 0 disables.", metavar="SECONDS")
+    client_header_timeout: float = _opt(30.0, "Seconds a client may take to send a request's "
+                                        "headers once it started (slow clients holding "
+                                        "connections open are closed). 0 disables.",
+                                        metavar="SECONDS")
+    forwarded_for: str = _opt("append", "X-Forwarded-For sent upstream: append (the client's "
+                              "value plus its address, as nginx's $proxy_add_x_forwarded_for), "
+                              "replace (the client's address only: the sidecar is the edge and "
+                              "client-supplied values are not trusted), pass (as received).",
+                              choices=("append", "replace", "pass"))
+    route: tuple[str, ...] = _opt((), "Measure POST requests to PATTERN as PROTOCOL "
+                                  "(repeatable; the variable takes a comma-separated list), "
+                                  "before the default routes: a path prefix or a gateway's "
+                                  "paths. '*' is one path segment, '**' any rest. Protocols: "
+                                  "openai_chat, openai_completions, openai_responses, "
+                                  "anthropic_messages, openai_embeddings, rerank, score, "
+                                  "classify, pooling, tgi, llamacpp, ollama_chat, "
+                                  "ollama_generate, sglang, generate (TGI or SGLang by body).",
+                                  metavar="PATTERN=PROTOCOL")
     max_concurrency: int = _opt(0, "Most LLM requests relayed at once; the rest wait in the "
                                 "sidecar's queue (its wait is the 'queue' phase). 0: no limit.")
     max_queue: int = _opt(0, "Most LLM requests waiting for a slot; beyond it the sidecar "
@@ -125,14 +143,22 @@ class Settings:
                 raise SettingsError(f"--{name.replace('_', '-')} must not be negative")
         if self.max_models < 1:
             raise SettingsError("--max-models must be at least 1")
-        for name in ("connect_timeout", "upstream_timeout", "slo_ttft", "slo_tpot", "slo_e2e",
-                     "gpu_hourly_cost", "replica_hourly_cost", "engine_span_wait"):
+        for name in ("connect_timeout", "upstream_timeout", "client_header_timeout",
+                     "slo_ttft", "slo_tpot", "slo_e2e", "gpu_hourly_cost",
+                     "replica_hourly_cost", "engine_span_wait"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"--{name.replace('_', '-')} must not be negative")
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise SettingsError(f"--upstream must be an http(s) URL: {self.upstream!r}")
         for b in ("ttft", "tpot", "duration", "phase", "itl"):
             self.buckets(b, ())
+        from exporter.protocols import parse_route
+
+        for r in self.route:
+            try:
+                parse_route(r)
+            except ValueError as e:
+                raise SettingsError(f"--route {e}") from None
         return self
 
     def replace(self, **changes: Any) -> Settings:
@@ -180,6 +206,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=None, help=help_text)
+        elif f.type == "tuple[str, ...]":
+            group.add_argument(flag, dest=f.name, action="append", default=None,
+                               help=help_text, metavar=f.metadata["metavar"])
         else:
             kind = f.type if isinstance(f.type, str) else f.type.__name__
             metavar = f.metadata["metavar"] or {"int": "N", "float": "X"}.get(kind)
@@ -201,6 +230,9 @@ def from_namespace(ns: argparse.Namespace | None, environ: Mapping[str, str]) ->
         try:
             if kind == "bool":
                 values[f.name] = raw if isinstance(raw, bool) else _parse_bool(str(raw))
+            elif kind == "tuple[str, ...]":
+                values[f.name] = tuple(raw) if isinstance(raw, list) else tuple(
+                    x.strip() for x in str(raw).split(",") if x.strip())
             elif kind == "int":
                 values[f.name] = int(raw)
             elif kind == "float":

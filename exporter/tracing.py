@@ -37,6 +37,7 @@ ATTR_QUEUE = "llm_exporter.queue.duration"
 ATTR_TTFT = "llm_exporter.time_to_first_token"
 ATTR_TOKEN_SOURCE = "llm_exporter.output_tokens.source"
 ATTR_PHASE_SOURCE = "llm_exporter.phase.source"
+ATTR_API = "llm_exporter.api"  # the protocol (the api label): openai_chat, anthropic_messages…
 ATTR_FINISH = "llm_exporter.finish_reason"
 
 

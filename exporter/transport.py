@@ -6,9 +6,11 @@ whose responses llhttp parses (``httptools``, the parser uvicorn uses) and whose
 straight to a synchronous *sink* in the event loop's read callback: no task wake-up, no buffer,
 no coroutine per chunk. Connections are kept alive and reused (last in, first out).
 
-Only what the LLM routes need: one upstream origin, requests with a body or a body stream,
-responses delimited by Content-Length, chunked coding or connection close. Other routes keep
-aiohttp's client.
+What a reverse proxy to one upstream origin needs, for every route: requests with a body or
+a body stream (Content-Length or chunked), responses delimited by Content-Length, chunked
+coding or connection close, bodiless responses to HEAD, interim 1xx responses skipped. Header
+bytes go through as they came (decoded and re-encoded with ``surrogateescape``), UTF-8 or not.
+A ``101 Switching Protocols`` is refused: the relay does not tunnel other protocols.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Response:
         "_reason",
         "_sink",
         "_wake",
+        "bodiless",
         "complete",
         "drain_wanted",
         "error",
@@ -75,8 +78,9 @@ class Response:
         "status",
     )
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: _Connection, bodiless: bool = False) -> None:
         self._conn: _Connection | None = conn
+        self.bodiless = bodiless  # the answer to a HEAD: no body, whatever its headers say
         self._head: asyncio.Future[None] = conn.loop.create_future()
         self._wake: asyncio.Future[None] | None = None
         self._sink: Sink | None = None
@@ -286,11 +290,20 @@ class _Connection(asyncio.Protocol):
         if resp is None:
             return
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # interim (e.g. 103): wait for the final one
+        if status == 101:
+            self.broken = True
+            raise UpstreamProtocolError("the upstream switched protocols (101), which the "
+                                        "sidecar does not relay")
+        if 100 <= status < 200:  # interim (e.g. 100, 103): wait for the final one
             resp._raw_headers = []
             resp._reason = b""
             return
         resp._headers_done(status, self.parser.should_keep_alive())
+        if resp.bodiless:
+            # llhttp does not know the request was a HEAD and would wait for the body the
+            # headers announce: the response ends here, and the connection is not reused.
+            self.broken = True
+            resp._done()
 
     def on_body(self, body: bytes) -> None:
         if self.resp is not None:
@@ -358,7 +371,7 @@ class Pool:
         head = "".join(lines).encode("utf-8", "surrogateescape")
         for attempt in (0, 1):
             conn = self._take_idle() or await self._connect()
-            resp = Response(conn)
+            resp = Response(conn, bodiless=method == "HEAD")
             conn.resp = resp
             try:
                 assert conn.transport is not None

@@ -87,6 +87,20 @@ def _script(rng: random.Random, model: str, slow: bool) -> dict[str, Any]:
 async def _one(session: aiohttp.ClientSession, url: str, rng: random.Random, slow: bool
                ) -> None:
     model = rng.choice(list(MODELS))
+    other = rng.random()
+    try:
+        if other < 0.03:  # unmatched: counted by method and status only
+            async with session.get(url + "/v1/models") as r:
+                await r.read()
+            return
+        if other < 0.08:  # a batch request: inputs per request
+            inputs = [f"doc {i}" for i in range(rng.randint(1, 40))]
+            async with session.post(url + "/v1/embeddings",
+                                    json={"model": model, "input": inputs}) as r:
+                await r.read()
+            return
+    except (TimeoutError, aiohttp.ClientError):
+        return
     stream = rng.random() < 0.85
     chat = rng.random() < 0.8
     words = " ".join(f"w{i}" for i in range(rng.randint(5, 300)))

@@ -35,6 +35,9 @@ SIDECAR_NAMES = {
     "llm_exporter_inter_token_latency_seconds",
     "llm_exporter_request_input_tokens",
     "llm_exporter_request_output_tokens",
+    "llm_exporter_request_inputs",
+    "llm_exporter_unmatched_requests_total",
+    "llm_exporter_unmatched_request_duration_seconds",
     "llm_exporter_requests_total",
     "llm_exporter_input_tokens_total",
     "llm_exporter_output_tokens_total",
@@ -54,7 +57,7 @@ def test_catalogue_sidecar_names_are_the_contract() -> None:
     for m in c.ALL:
         assert m.name.startswith(("gen_ai_", c.PREFIX)), m.name
         assert ":" not in m.name
-        if m.kind is c.Kind.HISTOGRAM and not m.name.endswith("_tokens"):
+        if m.kind is c.Kind.HISTOGRAM and not m.name.endswith(("_tokens", "_inputs")):
             assert m.name.endswith("_seconds"), m.name
         assert m.help.strip() and len(set(m.labels)) == len(m.labels)
 
@@ -98,8 +101,8 @@ def test_per_model_objectives_judge_each_model_and_add_boundaries(tmp_path: Path
     tl.content(1.0, 1)
     tl.end = 1.0
     for model in ("big", "small"):
-        m.record(Outcome(model, "chat", True, "2xx", "stop", derive(tl, 1), 1, 1, "usage",
-                         "usage", None))
+        m.record(Outcome(model, "chat", "openai_chat", True, "2xx", "stop", derive(tl, 1), 1,
+                         1, "usage", "usage", None))
     get = registry.get_sample_value
     assert get("llm_exporter_slo_requests_total", {"model": "big", "slo": "ttft",
                                                    "result": "good"}) == 1

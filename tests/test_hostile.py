@@ -208,6 +208,44 @@ async def test_one_clients_utf16_body_does_not_switch_usage_off_for_everyone() -
         assert sc.sidecar.proxy.usage_mode == "inject"
 
 
+@pytest.mark.parametrize("value", [1, "true", 0, "yes"])
+async def test_include_usage_of_another_type_is_the_clients_own(value: object) -> None:
+    """Not a plain true or false: relayed as sent, and whatever the upstream answers (usage
+    chunk or not) reaches the client; nothing is stripped."""
+    body = json.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": value},
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=2, usage="always")) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        sc.sidecar.proxy.usage_mode = "inject"
+        async with s.post(sc.url + CHAT, data=body,
+                          headers={"Content-Type": "application/json"}) as r:
+            assert b'"usage"' in await r.read()
+        assert up.requests[-1].body == body
+
+
+async def test_usage_unasked_is_learnt_per_model() -> None:
+    """Model a's server sends usage unasked, model b's does not: a's streams are relayed as
+    they are (usage included, nothing asked or stripped), b's are asked and stripped."""
+    async with SyntheticUpstream(Script(ttft=0, itl=0, tokens=2)) as up, \
+            running_sidecar(up.url) as sc, aiohttp.ClientSession() as s:
+        async def stream(model: str) -> bytes:
+            body = {"model": model, "stream": True, "messages": []}
+            headers = Script(ttft=0, itl=0, tokens=2, usage="always" if model == "a"
+                             else "auto").header()
+            async with s.post(sc.url + CHAT, json=body, headers=headers) as r:
+                return await r.read()
+
+        for _ in range(2):
+            assert b'"usage"' in await stream("a")
+            assert b'"usage"' not in await stream("b")
+        sent = [json.loads(r.body) for r in up.requests]
+        assert [("stream_options" in b, b["model"]) for b in sent] == [
+            (False, "a"), (False, "b"), (False, "a"), (True, "b")]
+        assert sc.value("llm_exporter_output_tokens_total", {"model": "b"}) == 4
+        assert sc.value("llm_exporter_token_count_source_total",  # b's probe: chunks
+                        {"token_type": "output", "source": "usage"}) == 3
+
+
 # --- secrets and text stay out of logs, error bodies and spans ----------------------------------
 
 async def test_a_smuggled_body_is_not_quoted_in_the_log(caplog: pytest.LogCaptureFixture
@@ -305,3 +343,188 @@ def test_the_engine_scraper_does_not_follow_redirects() -> None:
         srv.server_close()
     assert not sig.up
     assert paths == ["/metrics"]
+
+
+# --- protocol corners: Expect, header bytes, HEAD, 101, X-Forwarded-For ---------------------------
+
+async def _exchange(sc: Running, data: bytes, *, until: bytes | None = None,
+                    timeout: float = 5) -> bytes:
+    """Send raw bytes to the proxy port; read until ``until`` is seen, or EOF."""
+    host, port = sc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(timeout):
+            while until is None or until not in out:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                out += chunk
+    writer.close()
+    return out
+
+
+async def test_expect_100_continue_is_answered_and_not_forwarded() -> None:
+    async with raw_upstream() as up, running_sidecar(up.url) as sc:
+        host, port = sc.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=2)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"{}")
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n{}"), timeout=5)
+        writer.close()
+        assert final.startswith(b"HTTP/1.1 200")
+        assert requests_total(sc) == 1
+        unknown = await _exchange(sc, b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: teapot\r\n"
+                                  b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        assert unknown.startswith(b"HTTP/1.1 417")
+    assert [x.path for x in up.seen] == ["/v1/chat/completions"]
+    assert "expect" not in up.seen[0].headers
+
+
+async def test_header_bytes_that_are_not_utf8_go_through_unchanged() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        got.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Up: r\xe9sum\xe9 \xff\r\nContent-Length: 2\r\n"
+                     b"Connection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    got: list[bytes] = []
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, running_sidecar(url) as sc:
+        for path in (b"/v1/models", CHAT.encode()):
+            raw = await _exchange(sc, b"POST %b HTTP/1.1\r\nHost: x\r\nX-Bin: caf\xe9\xff\r\n"
+                                  b"Content-Length: 2\r\nConnection: close\r\n\r\n{}" % path)
+            assert b"\r\nX-Up: r\xe9sum\xe9 \xff\r\n" in raw and raw.endswith(b"\r\n\r\nok")
+    assert all(b"\r\nX-Bin: caf\xe9\xff\r\n" in head for head in got) and len(got) == 2
+
+
+async def test_head_answers_end_at_their_headers() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b"" if head.startswith(b"HEAD") else b"x" * 1000
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + body)
+                await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, running_sidecar(url) as sc, aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.head(sc.url + "/file") as r:
+                assert r.status == 200 and r.headers["Content-Length"] == "1000"
+                assert await r.read() == b""
+            async with s.get(sc.url + "/file") as r:
+                assert await r.read() == b"x" * 1000
+
+
+async def test_an_upstream_101_is_a_502_without_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\n\x81\x05hello")
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    with caplog.at_level(logging.DEBUG):
+        async with server, running_sidecar(url) as sc, aiohttp.ClientSession() as s:
+            for path in ("/ws", CHAT):
+                async with s.post(sc.url + path, json={"model": "m", "messages": []},
+                                  headers={"Upgrade": "websocket",
+                                           "Connection": "Upgrade"}) as r:
+                    assert r.status == 502
+                    assert (await r.json())["error"]["type"] == "upstream_protocol"
+            assert sc.value("llm_exporter_errors_total", {"type": "upstream_protocol"}) == 2
+            assert requests_total(sc) == 1  # the LLM route's, counted as a 5xx
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("append", "203.0.113.7, 127.0.0.1"),
+    ("replace", "127.0.0.1"),
+    ("pass", "203.0.113.7"),
+])
+async def test_x_forwarded_for_gets_the_peer_as_configured(mode: str, expected: str) -> None:
+    async with raw_upstream() as up, running_sidecar(up.url, forwarded_for=mode) as sc, \
+            aiohttp.ClientSession() as s:
+        for path in ("/other", CHAT):
+            async with s.post(sc.url + path, data=b"{}",
+                              headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                await r.read()
+        async with s.post(sc.url + "/none", data=b"{}") as r:
+            await r.read()
+    assert [x.headers["x-forwarded-for"] for x in up.seen[:2]] == [expected, expected]
+    assert up.seen[2].headers.get("x-forwarded-for") == (None if mode == "pass"
+                                                         else "127.0.0.1")
+
+
+# --- slow clients: a bound on the proxy port and the metrics port -----------------------------
+
+async def test_a_client_slow_over_its_headers_is_closed() -> None:
+    async with raw_upstream() as up, running_sidecar(up.url, client_header_timeout=0.5) as sc:
+        host, port = sc.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        t0 = time.monotonic()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(20):  # one header line every 0.2 s, never the blank line
+                await asyncio.sleep(0.2)
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+        try:
+            rest = await asyncio.wait_for(reader.read(), timeout=2)
+        except ConnectionError:  # reset while we wrote: closed all the same
+            rest = b""
+        assert rest == b""  # closed, unanswered
+        assert time.monotonic() - t0 < 2
+        writer.close()
+        assert sc.value("llm_exporter_errors_total", {"type": "client_timeout"}) == 1
+        # a prompt client on another connection is unaffected, its body as slow as it likes
+        async with aiohttp.ClientSession() as s:
+            async def slow_body() -> AsyncIterator[bytes]:
+                yield b"{"
+                await asyncio.sleep(0.8)
+                yield b"}"
+            async with s.post(sc.url + "/ok", data=slow_body()) as r:
+                assert await r.read() == b"{}"
+    assert [x.path for x in up.seen] == ["/ok"]
+
+
+def test_idle_connections_to_the_metrics_port_cost_no_threads() -> None:
+    import threading
+    import urllib.request
+
+    async def main() -> None:
+        async with raw_upstream() as up, running_sidecar(up.url,
+                                                         client_header_timeout=30) as sc:
+            host, port = sc.metrics_url.removeprefix("http://").split("/")[0].split(":")
+            threads = threading.active_count()
+            socks = []
+            for _ in range(200):  # slowloris: connect, send half a line, wait
+                sk = socket.create_connection((host, int(port)))
+                sk.sendall(b"GET /metr")
+                socks.append(sk)
+            await asyncio.sleep(0.2)
+            assert threading.active_count() == threads
+
+            def scrape() -> bytes:
+                with urllib.request.urlopen(sc.metrics_url, timeout=5) as r:
+                    return bytes(r.read())
+            body = await asyncio.get_running_loop().run_in_executor(None, scrape)
+            assert b"llm_exporter_build_info" in body
+            for sk in socks:
+                sk.close()
+    asyncio.run(main())

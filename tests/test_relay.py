@@ -138,7 +138,8 @@ async def test_recorded_streams_relay_identically_and_are_measured(name: str) ->
             assert (status, got, cut) == (200, data, False)
             assert ("X-Upstream", "replay") in headers
             assert sc.value("llm_exporter_requests_total", {
-                "model": "m", "operation": "chat", "stream": "true", "status_class": "2xx",
+                "model": "m", "operation": "chat",
+                "api": "openai_chat", "stream": "true", "status_class": "2xx",
                 "finish_reason": RECORDED[name][1]}) == 1
     finally:
         await runner.cleanup()
@@ -159,7 +160,8 @@ async def test_all_methods_and_paths_pass_through() -> None:
             assert r.status == 200 and (await r.json())["data"]
         # Not an LLM route: nothing measured.
         assert sc.value("llm_exporter_requests_total", {
-            "model": "m", "operation": "chat", "stream": "false", "status_class": "2xx",
+            "model": "m", "operation": "chat",
+                "api": "openai_chat", "stream": "false", "status_class": "2xx",
             "finish_reason": "stop"}) == 0
 
 
@@ -209,7 +211,8 @@ async def test_upstream_down_gives_openai_shaped_502() -> None:
             assert r.status == 502
         assert sc.value("llm_exporter_errors_total", {"type": "upstream_connect"}) == 2
         assert sc.value("llm_exporter_requests_total", {
-            "model": "other", "operation": "chat", "stream": "true", "status_class": "5xx",
+            "model": "other", "operation": "chat",
+                "api": "openai_chat", "stream": "true", "status_class": "5xx",
             "finish_reason": "error"}) == 1
 
 
@@ -260,7 +263,8 @@ async def test_client_disconnect_closes_upstream_within_100ms(
             assert rec.closed_at - gone < 0.1, f"upstream closed {rec.closed_at - gone:.3f}s late"
         await asyncio.sleep(0.05)
         assert sc.value("llm_exporter_requests_total", {
-            "model": "m", "operation": "chat", "stream": "true", "status_class": "2xx",
+            "model": "m", "operation": "chat",
+                "api": "openai_chat", "stream": "true", "status_class": "2xx",
             "finish_reason": "cancelled"}) == 3
         assert sc.value("llm_exporter_errors_total", {"type": "client_disconnect"}) == 3
         assert sc.sidecar.state.in_flight == 0

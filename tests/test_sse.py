@@ -1,4 +1,5 @@
-"""The SSE scanner on recorded streams, fed whole and cut at every byte boundary."""
+"""The stream scanner with the OpenAI dialect on recorded streams, fed whole and cut at every
+byte boundary (tests/test_protocols.py does the same for every other protocol)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.sse import StreamScanner, content_text
+from exporter.protocols.base import MAX_HELD, StreamScanner, stream_texts
+from exporter.protocols.openai import DIALECT
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 
@@ -19,16 +21,20 @@ EXPECTED = {
 }
 
 
+def content_text(data: bytes) -> str:
+    return "".join(stream_texts(DIALECT, data))
+
+
 def scan(data: bytes, cuts: list[int], strip: bool = False) -> tuple[StreamScanner, int, bytes]:
-    sc = StreamScanner(strip_usage=strip)
+    sc = StreamScanner(DIALECT, strip_usage=strip)
     events, out, prev = 0, b"", 0
     for cut in [*cuts, len(data)]:
         n, fwd = sc.feed(data[prev:cut])
         events += n
         out += fwd
         prev = cut
-    out += sc.flush()
-    return sc, events, out
+    n, tail = sc.flush()
+    return sc, events + n, out + tail
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -39,9 +45,9 @@ def test_recorded_streams_whole_and_split_everywhere(name: str) -> None:
         sc, n, out = scan(data, cuts)
         assert n == events, (name, cuts[:3])
         assert out == data
-        assert sc.finish_reason == finish
-        assert (sc.usage or {}).get("completion_tokens") == usage
-        assert (sc.timings is not None) == timings
+        assert sc.reply.finish_reason == finish
+        assert sc.reply.output_tokens == usage
+        assert (sc.reply.timings is not None) == timings
 
 
 def test_strip_removes_only_the_usage_only_event_at_any_split() -> None:
@@ -52,7 +58,7 @@ def test_strip_removes_only_the_usage_only_event_at_any_split() -> None:
         sc, n, out = scan(data, [i] if i else [], strip=True)
         assert out == expected
         assert n == 3
-        assert sc.usage == {"prompt_tokens": 7, "total_tokens": 10, "completion_tokens": 3}
+        assert (sc.reply.input_tokens, sc.reply.output_tokens) == (7, 3)
 
 
 def test_strip_keeps_usage_that_rides_on_a_content_chunk() -> None:
@@ -60,11 +66,11 @@ def test_strip_keeps_usage_that_rides_on_a_content_chunk() -> None:
     data = (STREAMS / "llamacpp_server_timings.sse").read_bytes()
     sc, _, out = scan(data, [], strip=True)
     assert out == data
-    assert sc.usage is not None
+    assert sc.reply.usage_seen
 
 
 def test_role_only_and_null_content_are_not_tokens() -> None:
-    sc = StreamScanner()
+    sc = StreamScanner(DIALECT)
     n, _ = sc.feed(b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n'
                    b'data: {"choices":[{"delta":{"content":null}}]}\n\n')
     assert n == 0
@@ -73,7 +79,7 @@ def test_role_only_and_null_content_are_not_tokens() -> None:
 
 
 def test_content_that_looks_like_a_key_is_not_double_counted() -> None:
-    sc = StreamScanner()
+    sc = StreamScanner(DIALECT)
     n, _ = sc.feed(b'data: {"choices":[{"delta":{"content":"say \\"content\\":\\"x\\""}}]}\n\n')
     assert n == 1
 
@@ -102,19 +108,17 @@ def test_every_line_end_form_at_every_split(form: bytes) -> None:
     data = _line_ends(lf, form)
     for cuts in ([], *([i] for i in range(1, len(data))), list(range(1, len(data)))):
         sc, n, out = scan(data, cuts)
-        assert (n, out, sc.finish_reason) == (3, data, "length")
-        assert (sc.usage or {}).get("completion_tokens") == 3
-    sc = StreamScanner(strip_usage=True)
+        assert (n, out, sc.reply.finish_reason) == (3, data, "length")
+        assert sc.reply.output_tokens == 3
+    sc = StreamScanner(DIALECT, strip_usage=True)
     n, out = sc.feed(data)
     assert n == 3 and b'"choices":[]' not in out and out  # forwarded at once, usage cut
     assert b'"finish_reason":"length"' in out
 
 
 def test_a_stream_without_event_ends_is_forwarded_and_memory_stays_bounded() -> None:
-    from exporter.sse import MAX_HELD
-
     errors: list[str] = []
-    sc = StreamScanner(strip_usage=True, on_error=errors.append)
+    sc = StreamScanner(DIALECT, strip_usage=True, on_error=errors.append)
     junk = b"data: " + b"x" * 9000 + b"\n"  # line ends, never a blank line
     sent, out = b"", b""
     for _ in range(300):  # 2.7 MB
@@ -124,6 +128,6 @@ def test_a_stream_without_event_ends_is_forwarded_and_memory_stays_bounded() -> 
     assert errors and len(errors) == 1  # counted once per oversized event
     tail = b'\ndata: {"choices":[{"delta":{"content":"a"}}]}\n\n'
     n, last = sc.feed(tail)
-    out += last + sc.flush()
+    out += last + sc.flush()[1]
     assert out == sent + tail  # nothing lost, nothing reordered
     assert n == 1  # scanning resumes after the oversized event

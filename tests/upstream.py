@@ -25,6 +25,8 @@ Each :class:`RequestRecord` keeps when its handler started, when headers went ou
 content event's ``write`` returned, so tests can compare the sidecar's figures with what was
 really sent rather than with what was programmed.
 
+``POST /v1/embeddings``: one vector per input, ``prompt_tokens`` = the inputs' words.
+
 Other routes: ``GET /v1/models``, ``GET /health``, ``/echo[/anything]`` (any method: answers the
 request body as-is, with the request's content type and ``x-echo-method`` / ``x-echo-path``
 headers), ``/headers`` (the request headers as JSON), ``GET /big?size=N[&chunked=1]`` (N bytes of
@@ -269,6 +271,73 @@ class Shapes:
         return dumps(body)
 
 
+def named(event: str, obj: Any) -> bytes:
+    """An SSE event with an ``event:`` line, as vLLM writes Responses and Messages events."""
+    return b"event: " + event.encode() + b"\ndata: " + dumps(obj) + b"\n\n"
+
+
+class ApiShapes:
+    """The streams of the OpenAI Responses and Anthropic Messages APIs, one token per content
+    event, in vLLM 0.32's shapes (tests/data/protocols): events before the first content event
+    (``head``), one per token (``content``), and after (``tail``). For the relay benchmark."""
+
+    RESPONSES = "/v1/responses"
+    MESSAGES = "/v1/messages"
+
+    def __init__(self, path: str, model: str) -> None:
+        self.path, self.model = path, model
+
+    def _response(self, status: str, usage: Any, text: str = "") -> dict[str, Any]:
+        output = [{"id": "msg_1", "content": [{"annotations": [], "text": text,
+                                               "type": "output_text", "logprobs": None}],
+                   "role": "assistant", "status": "completed", "type": "message"}] \
+            if status != "in_progress" else []
+        return {"id": "resp_1", "created_at": CREATED, "model": self.model,
+                "object": "response", "output": output, "status": status, "usage": usage}
+
+    def head(self) -> list[bytes]:
+        if self.path == self.RESPONSES:
+            r = self._response("in_progress", None)
+            item = {"id": "msg_1", "content": [], "role": "assistant", "status": "in_progress",
+                    "type": "message"}
+            part = {"annotations": [], "text": "", "type": "output_text", "logprobs": None}
+            return [named(t, {**body, "sequence_number": i, "type": t}) for i, (t, body) in
+                    enumerate((("response.created", {"response": r}),
+                               ("response.in_progress", {"response": r}),
+                               ("response.output_item.added", {"item": item,
+                                                               "output_index": 0}),
+                               ("response.content_part.added", {
+                                   "content_index": 0, "item_id": "msg_1", "output_index": 0,
+                                   "part": part})))]
+        return [named("message_start", {"type": "message_start", "message": {
+                    "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                    "model": self.model, "stop_reason": None, "stop_sequence": None,
+                    "usage": {"input_tokens": 3, "output_tokens": 0}}}),
+                named("content_block_start", {"type": "content_block_start", "content_block": {
+                    "type": "text", "text": ""}, "index": 0})]
+
+    def content(self, text: str, i: int) -> bytes:
+        if self.path == self.RESPONSES:
+            return named("response.output_text.delta", {
+                "content_index": 0, "delta": text, "item_id": "msg_1", "logprobs": [],
+                "output_index": 0, "sequence_number": 4 + i,
+                "type": "response.output_text.delta"})
+        return named("content_block_delta", {"type": "content_block_delta", "delta": {
+            "type": "text_delta", "text": text}, "index": 0})
+
+    def tail(self, tokens: int) -> list[bytes]:
+        if self.path == self.RESPONSES:
+            usage = {"input_tokens": 3, "output_tokens": tokens, "total_tokens": 3 + tokens}
+            r = self._response("completed", usage, token_words(0, tokens))
+            return [named("response.completed", {"response": r, "sequence_number": 4 + tokens,
+                                                 "type": "response.completed"})]
+        return [named("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                named("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": "max_tokens", "stop_sequence": None},
+                    "usage": {"input_tokens": 3, "output_tokens": tokens}}),
+                named("message_stop", {"type": "message_stop"})]
+
+
 def _big_pattern(size: int) -> bytes:
     unit = bytes(range(256))
     return (unit * (size // 256 + 1))[:size]
@@ -298,6 +367,7 @@ class SyntheticUpstream:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("POST", CHAT_PATH, self._completion)
         app.router.add_route("POST", TEXT_PATH, self._completion)
+        app.router.add_route("POST", "/v1/embeddings", self._embeddings)
         app.router.add_route("GET", "/v1/models", self._models)
         app.router.add_route("GET", "/health", self._health)
         app.router.add_route("*", "/echo", self._echo)
@@ -502,6 +572,19 @@ class SyntheticUpstream:
         self._event(rec, "end", rec.finished_at)
         return resp
 
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI embeddings: one 4-dimensional vector per input, prompt_tokens = words."""
+        rec = await self._record(request, clock())
+        body = json.loads(rec.body) if rec.body else {}
+        inputs = body.get("input", [])
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        words = sum(count_words(x) for x in inputs)
+        out = {"object": "list", "model": _model(body), "data": [
+            {"object": "embedding", "index": i, "embedding": [0.5, -0.5, 0.25, 0.0]}
+            for i in range(len(inputs))], "usage": {"prompt_tokens": words,
+                                                   "total_tokens": words}}
+        return web.Response(body=dumps(out), content_type="application/json")
+
     # -- other routes ------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request, clock())
@@ -654,7 +737,8 @@ class _RawProtocol(asyncio.Protocol):
 
     def _respond(self, method: str, path: str, fields: dict[str, str], body: bytes) -> None:
         chat = path == CHAT_PATH
-        if method != "POST" or path not in (CHAT_PATH, TEXT_PATH):
+        api = path in (ApiShapes.RESPONSES, ApiShapes.MESSAGES)
+        if method != "POST" or (path not in (CHAT_PATH, TEXT_PATH) and not api):
             return self._whole(404, error_json(f"no route {path}", 404))
         script = self.server.default
         if SYNTHETIC_HEADER in fields:
@@ -664,6 +748,8 @@ class _RawProtocol(asyncio.Protocol):
         if script.status != 200:
             return self._whole(script.status, script.error_body or error_json(
                 f"synthetic error {script.status}", script.status))
+        if api:
+            return self._api_stream(ApiShapes(path, model), script)
         shapes = Shapes(chat, model)
         n_prompt = prompt_tokens(req, chat)
         if not req.get("stream"):
@@ -703,6 +789,32 @@ class _RawProtocol(asyncio.Protocol):
         if not frames:
             self.transport.write(b"".join(tail))
             return self._done()
+        self.timer = loop.call_at(start + script.ttft, tick)
+
+    def _api_stream(self, shapes: ApiShapes, script: Script) -> None:
+        """A Responses or Messages stream: one token per content event, timed as chat's."""
+        assert self.transport is not None
+        self.transport.write(_STREAM_HEAD + b"".join(_frame(e) for e in shapes.head()))
+        frames = [_frame(shapes.content(token_words(i, 1), i)) for i in range(script.tokens)]
+        tail = b"".join(_frame(e) for e in shapes.tail(script.tokens)) + b"0\r\n\r\n"
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        state = {"j": 0}
+
+        def tick() -> None:
+            self.timer = None
+            if self.transport is None:
+                return
+            j = state["j"]
+            if j < len(frames):
+                self.transport.write(frames[j])
+                state["j"] = j = j + 1
+            if j == len(frames):
+                self.transport.write(tail)
+                self._done()
+                return
+            self.timer = loop.call_at(start + script.ttft + j * script.itl, tick)
+
         self.timer = loop.call_at(start + script.ttft, tick)
 
 

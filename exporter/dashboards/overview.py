@@ -53,6 +53,21 @@ def build() -> dict[str, Any]:
                    "(cancelled: the client went away).", "reqps",
                    Q(pq.rate(c.REQUESTS, by=(c.FINISH_REASON,)),
                      f"{{{{{c.FINISH_REASON}}}}}"), stack=True),
+    ).add(
+        timeseries("Requests/s by API", "Finished requests per second by the API they spoke "
+                   "(openai_chat, openai_responses, anthropic_messages, openai_embeddings, "
+                   "ollama_chat, tgi, llamacpp…) and GenAI operation.", "reqps",
+                   Q(pq.rate(c.REQUESTS, by=(c.API, c.OPERATION)),
+                     f"{{{{{c.API}}}}} ({{{{{c.OPERATION}}}}})"), stack=True),
+        timeseries("Unmatched requests/s", "Requests no route matched, relayed unmeasured, by "
+                   "method and status class: model lists and health checks, or inference "
+                   "paths to map with --route (a prefix, a gateway's paths).", "reqps",
+                   Q(pq.rate(c.UNMATCHED_REQUESTS, by=(c.METHOD, c.STATUS_CLASS)),
+                     f"{{{{{c.METHOD}}}}} {{{{{c.STATUS_CLASS}}}}}"), stack=True),
+        timeseries("Inputs per batch request (median, p99)", "Texts per embeddings, rerank or "
+                   "score request.", "short",
+                   Q(pq.quantile(0.5, c.REQUEST_INPUTS), f"p50 {{{{{c.MODEL}}}}}"),
+                   Q(pq.quantile(0.99, c.REQUEST_INPUTS), f"p99 {{{{{c.MODEL}}}}}")),
     )
     b.row("Latency").add(
         timeseries("Time to first token", "Arrival at the sidecar to the first content token, "
