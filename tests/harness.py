@@ -17,7 +17,22 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from exporter.app import Sidecar
+from exporter.protocols.base import Dialect, StreamScanner
 from exporter.settings import Settings
+
+
+def scan(dialect: Dialect, data: bytes, cuts: list[int], strip: bool = False
+         ) -> tuple[StreamScanner, int, bytes]:
+    """Feed ``data`` to a scanner cut at ``cuts``; the scanner, content events, bytes out."""
+    sc = StreamScanner(dialect, strip_usage=strip)
+    events, out, prev = 0, b"", 0
+    for cut in [*cuts, len(data)]:
+        n, fwd = sc.feed(data[prev:cut])
+        events += n
+        out += fwd
+        prev = cut
+    n, tail = sc.flush()
+    return sc, events + n, out + tail
 
 
 def spy(obj: Any, name: str) -> list[Any]:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from exporter.protocols import PROTOCOLS, ROUTES, RouteTable, parse_route
 from exporter.protocols.base import MAX_HELD, StreamScanner, stream_texts
+from tests import harness
 from tests.harness import Running, running_sidecar
 
 DATA = Path(__file__).parent / "data" / "protocols"
@@ -51,15 +52,7 @@ def scan(name: str, data: bytes, cuts: list[int], strip: bool = False
          ) -> tuple[StreamScanner, int, bytes]:
     dialect = PROTOCOLS[name].dialect
     assert dialect is not None
-    sc = StreamScanner(dialect, strip_usage=strip)
-    events, out, prev = 0, b"", 0
-    for cut in [*cuts, len(data)]:
-        n, fwd = sc.feed(data[prev:cut])
-        events += n
-        out += fwd
-        prev = cut
-    n, tail = sc.flush()
-    return sc, events + n, out + tail
+    return harness.scan(dialect, data, cuts, strip)
 
 
 @pytest.mark.parametrize("file", sorted(STREAMS))

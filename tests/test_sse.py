@@ -9,6 +9,7 @@ import pytest
 
 from exporter.protocols.base import MAX_HELD, StreamScanner, stream_texts
 from exporter.protocols.openai import DIALECT
+from tests import harness
 
 STREAMS = Path(__file__).parent / "data" / "streams"
 
@@ -26,15 +27,7 @@ def content_text(data: bytes) -> str:
 
 
 def scan(data: bytes, cuts: list[int], strip: bool = False) -> tuple[StreamScanner, int, bytes]:
-    sc = StreamScanner(DIALECT, strip_usage=strip)
-    events, out, prev = 0, b"", 0
-    for cut in [*cuts, len(data)]:
-        n, fwd = sc.feed(data[prev:cut])
-        events += n
-        out += fwd
-        prev = cut
-    n, tail = sc.flush()
-    return sc, events + n, out + tail
+    return harness.scan(DIALECT, data, cuts, strip)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

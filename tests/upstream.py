@@ -298,17 +298,18 @@ class ApiShapes:
     def head(self) -> list[bytes]:
         if self.path == self.RESPONSES:
             r = self._response("in_progress", None)
-            item = {"id": "msg_1", "content": [], "role": "assistant", "status": "in_progress",
-                    "type": "message"}
-            part = {"annotations": [], "text": "", "type": "output_text", "logprobs": None}
-            return [named(t, {**body, "sequence_number": i, "type": t}) for i, (t, body) in
-                    enumerate((("response.created", {"response": r}),
-                               ("response.in_progress", {"response": r}),
-                               ("response.output_item.added", {"item": item,
-                                                               "output_index": 0}),
-                               ("response.content_part.added", {
-                                   "content_index": 0, "item_id": "msg_1", "output_index": 0,
-                                   "part": part})))]
+            item: dict[str, Any] = {"id": "msg_1", "content": [], "role": "assistant",
+                                    "status": "in_progress", "type": "message"}
+            part: dict[str, Any] = {"annotations": [], "text": "", "type": "output_text",
+                                    "logprobs": None}
+            events: tuple[tuple[str, dict[str, Any]], ...] = (
+                ("response.created", {"response": r}),
+                ("response.in_progress", {"response": r}),
+                ("response.output_item.added", {"item": item, "output_index": 0}),
+                ("response.content_part.added", {"content_index": 0, "item_id": "msg_1",
+                                                 "output_index": 0, "part": part}))
+            return [named(t, {**body, "sequence_number": i, "type": t})
+                    for i, (t, body) in enumerate(events)]
         return [named("message_start", {"type": "message_start", "message": {
                     "id": "msg_1", "type": "message", "role": "assistant", "content": [],
                     "model": self.model, "stop_reason": None, "stop_sequence": None,
@@ -764,11 +765,26 @@ class _RawProtocol(asyncio.Protocol):
         tail += [_frame(DONE), b"0\r\n\r\n"]
         frames = self.server.frames(chat, model, script.tokens,
                                     max(script.tokens_per_chunk, 1))
-        assert self.transport is not None
         head = _STREAM_HEAD
         if chat and script.role_chunk:
             head += _frame(shapes.role())
+        self._play(head, frames, b"".join(tail), script)
+
+    def _api_stream(self, shapes: ApiShapes, script: Script) -> None:
+        """A Responses or Messages stream: one token per content event, timed as chat's."""
+        self._play(_STREAM_HEAD + b"".join(_frame(e) for e in shapes.head()),
+                   [_frame(shapes.content(token_words(i, 1), i)) for i in range(script.tokens)],
+                   b"".join(_frame(e) for e in shapes.tail(script.tokens)) + b"0\r\n\r\n",
+                   script)
+
+    def _play(self, head: bytes, frames: list[bytes], tail: bytes, script: Script) -> None:
+        """``head`` now; content frame ``j`` at ``ttft + j * itl`` from timer callbacks (no
+        task per stream); ``tail`` right after the last."""
+        assert self.transport is not None
         self.transport.write(head)
+        if not frames:
+            self.transport.write(tail)
+            return self._done()
         loop = asyncio.get_running_loop()
         start = loop.time()
         state = {"j": 0}
@@ -780,35 +796,6 @@ class _RawProtocol(asyncio.Protocol):
             j = state["j"]
             self.transport.write(frames[j])
             state["j"] = j = j + 1
-            if j == len(frames):
-                self.transport.write(b"".join(tail))
-                self._done()
-                return
-            self.timer = loop.call_at(start + script.ttft + j * script.itl, tick)
-
-        if not frames:
-            self.transport.write(b"".join(tail))
-            return self._done()
-        self.timer = loop.call_at(start + script.ttft, tick)
-
-    def _api_stream(self, shapes: ApiShapes, script: Script) -> None:
-        """A Responses or Messages stream: one token per content event, timed as chat's."""
-        assert self.transport is not None
-        self.transport.write(_STREAM_HEAD + b"".join(_frame(e) for e in shapes.head()))
-        frames = [_frame(shapes.content(token_words(i, 1), i)) for i in range(script.tokens)]
-        tail = b"".join(_frame(e) for e in shapes.tail(script.tokens)) + b"0\r\n\r\n"
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        state = {"j": 0}
-
-        def tick() -> None:
-            self.timer = None
-            if self.transport is None:
-                return
-            j = state["j"]
-            if j < len(frames):
-                self.transport.write(frames[j])
-                state["j"] = j = j + 1
             if j == len(frames):
                 self.transport.write(tail)
                 self._done()

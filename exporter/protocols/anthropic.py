@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, number, text
+from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, sampling, text
 
 _CONTENT = re.compile(rb'"(?:text|thinking|partial_json)" ?: ?"(?!")')
 _SPECIAL = re.compile(rb'"type" ?: ?"(?:message_start|message_delta|error)"')
@@ -83,13 +83,8 @@ def _texts(obj: Any) -> list[str]:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    attrs: dict[str, Any] = {}
-    for key, attr in (("max_tokens", "gen_ai.request.max_tokens"),
-                      ("temperature", "gen_ai.request.temperature"),
-                      ("top_p", "gen_ai.request.top_p"), ("top_k", "gen_ai.request.top_k")):
-        if number(obj.get(key)) is not None:
-            attrs[attr] = obj[key]
-    return Request(obj.get("model"), obj.get("stream") is True, None, attrs)
+    return Request(obj.get("model"), obj.get("stream") is True, None,
+                   sampling(obj, "max_tokens"))
 
 
 PROTOCOL = Protocol("anthropic_messages", "chat", _request, _whole,

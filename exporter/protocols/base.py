@@ -131,6 +131,23 @@ def number(value: Any) -> float | None:
     return None
 
 
+# The GenAI request attributes every API carries under its own names.
+_SAMPLING = (("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
+             ("top_k", "gen_ai.request.top_k"))
+
+
+def sampling(params: Any, max_tokens: str) -> dict[str, Any]:
+    """``gen_ai.request.*`` attributes from ``params`` (the body, or its parameters object),
+    whose output limit is named ``max_tokens``."""
+    if not isinstance(params, dict):
+        return {}
+    attrs: dict[str, Any] = {}
+    for key, attr in (*_SAMPLING, (max_tokens, "gen_ai.request.max_tokens")):
+        if number(params.get(key)) is not None:
+            attrs[attr] = params[key]
+    return attrs
+
+
 def items(value: Any) -> int | None:
     """How many inputs a batch field holds: a string or a list of token ids is one."""
     if isinstance(value, str):

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from exporter import engine_timings
-from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, number, text
+from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, sampling, text
 
 _CONTENT = re.compile(rb'"content" ?: ?"(?!")')
 _SPECIAL = re.compile(rb'"stop" ?: ?true|"error" ?: ?\{')
@@ -56,13 +56,8 @@ def _texts(obj: Any) -> list[str]:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    attrs: dict[str, Any] = {}
-    for key, attr in (("n_predict", "gen_ai.request.max_tokens"),
-                      ("temperature", "gen_ai.request.temperature"),
-                      ("top_p", "gen_ai.request.top_p"), ("top_k", "gen_ai.request.top_k")):
-        if number(obj.get(key)) is not None:
-            attrs[attr] = obj[key]
-    return Request(obj.get("model"), obj.get("stream") is True, None, attrs)
+    return Request(obj.get("model"), obj.get("stream") is True, None,
+                   sampling(obj, "n_predict"))
 
 
 PROTOCOL = Protocol("llamacpp", "text_completion", _request, _whole,

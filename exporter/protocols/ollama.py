@@ -24,6 +24,7 @@ from exporter.protocols.base import (
     Request,
     count,
     number,
+    sampling,
     text,
 )
 from exporter.timeline import EngineTimings
@@ -87,15 +88,8 @@ def _whole(texts: Any) -> Any:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    options: dict[str, Any] = obj["options"] if isinstance(obj.get("options"), dict) \
-        else {}
-    attrs: dict[str, Any] = {}
-    for key, attr in (("num_predict", "gen_ai.request.max_tokens"),
-                      ("temperature", "gen_ai.request.temperature"),
-                      ("top_p", "gen_ai.request.top_p"), ("top_k", "gen_ai.request.top_k")):
-        if number(options.get(key)) is not None:
-            attrs[attr] = options[key]
-    return Request(obj.get("model"), obj.get("stream") is not False, None, attrs)
+    return Request(obj.get("model"), obj.get("stream") is not False, None,
+                   sampling(obj.get("options"), "num_predict"))
 
 
 CHAT = Protocol("ollama_chat", "chat", _request, _whole(_chat_texts),

@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from exporter import engine_timings
-from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, number, text
+from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, sampling, text
 
 _CONTENT = re.compile(rb'"(?:content|text|reasoning_content|reasoning|arguments)" ?: ?"(?!")')
 _SPECIAL = re.compile(rb'"(?:usage|timings)" ?: ?\{|"finish_reason" ?: ?"')
@@ -88,14 +88,8 @@ def _whole(obj: Any) -> Reply:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    attrs: dict[str, Any] = {}
-    for key in ("max_tokens", "max_completion_tokens"):
-        if number(obj.get(key)) is not None:
-            attrs["gen_ai.request.max_tokens"] = obj[key]
-    for key in ("temperature", "top_p"):
-        if number(obj.get(key)) is not None:
-            attrs[f"gen_ai.request.{key}"] = obj[key]
-    return Request(obj.get("model"), obj.get("stream") is True, None, attrs)
+    limit = "max_completion_tokens" if "max_completion_tokens" in obj else "max_tokens"
+    return Request(obj.get("model"), obj.get("stream") is True, None, sampling(obj, limit))
 
 
 DIALECT = Dialect(SSE, _CONTENT, _SPECIAL, _HINTS, _read,

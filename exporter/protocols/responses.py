@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, number, text
+from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, sampling, text
 
 _CONTENT = re.compile(rb'"delta" ?: ?"(?!")')
 _SPECIAL = re.compile(rb'"type" ?: ?"(?:response\.(?:completed|incomplete|failed)|error)"')
@@ -79,13 +79,8 @@ def _texts(obj: Any) -> list[str]:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    attrs: dict[str, Any] = {}
-    if number(obj.get("max_output_tokens")) is not None:
-        attrs["gen_ai.request.max_tokens"] = obj["max_output_tokens"]
-    for key in ("temperature", "top_p"):
-        if number(obj.get(key)) is not None:
-            attrs[f"gen_ai.request.{key}"] = obj[key]
-    return Request(obj.get("model"), obj.get("stream") is True, None, attrs)
+    return Request(obj.get("model"), obj.get("stream") is True, None,
+                   sampling(obj, "max_output_tokens"))
 
 
 PROTOCOL = Protocol("openai_responses", "chat", _request, _whole,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, number
+from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, sampling
 
 _CONTENT = re.compile(rb'"meta_info" ?: ?\{')
 _SPECIAL = re.compile(rb'"finish_reason" ?: ?\{|"error" ?: ?\{')
@@ -51,15 +51,8 @@ def _whole(obj: Any) -> Reply:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    params = obj.get("sampling_params")
-    params = params if isinstance(params, dict) else {}
-    attrs: dict[str, Any] = {}
-    for key, attr in (("max_new_tokens", "gen_ai.request.max_tokens"),
-                      ("temperature", "gen_ai.request.temperature"),
-                      ("top_p", "gen_ai.request.top_p"), ("top_k", "gen_ai.request.top_k")):
-        if number(params.get(key)) is not None:
-            attrs[attr] = params[key]
-    return Request(obj.get("model"), obj.get("stream") is True, None, attrs)
+    return Request(obj.get("model"), obj.get("stream") is True, None,
+                   sampling(obj.get("sampling_params"), "max_new_tokens"))
 
 
 # Streamed text is cumulative: the stream's text is the last event's, not the sum (see

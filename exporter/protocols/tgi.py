@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, number
+from exporter.protocols.base import SSE, Dialect, Protocol, Reply, Request, count, sampling
 
 _CONTENT = re.compile(rb'"token" ?: ?\{')
 _SPECIAL = re.compile(rb'"details" ?: ?\{|"error" ?: ?"')
@@ -61,16 +61,9 @@ def _texts(obj: Any) -> list[str]:
 
 
 def _request(obj: dict[str, Any], path: str) -> Request:
-    params: dict[str, Any] = obj["parameters"] if isinstance(obj.get("parameters"), dict) \
-        else {}
-    attrs: dict[str, Any] = {}
-    for key, attr in (("max_new_tokens", "gen_ai.request.max_tokens"),
-                      ("temperature", "gen_ai.request.temperature"),
-                      ("top_p", "gen_ai.request.top_p"), ("top_k", "gen_ai.request.top_k")):
-        if number(params.get(key)) is not None:
-            attrs[attr] = params[key]
     stream = path.rstrip("/").endswith("generate_stream") or obj.get("stream") is True
-    return Request(obj.get("model"), stream, None, attrs)
+    return Request(obj.get("model"), stream, None,
+                   sampling(obj.get("parameters"), "max_new_tokens"))
 
 
 PROTOCOL = Protocol("tgi", "text_completion", _request, _whole,
