@@ -348,3 +348,35 @@ async def test_a_prefixed_route_is_measured_when_configured() -> None:
             assert await r.read() == data
         assert requests(sc, api="anthropic_messages") == 1
         assert sc.value("llm_exporter_output_tokens_total", {"model": "m"}) == 12
+
+
+# An error reported inside a 200 stream, in each protocol's own shape (the first lines of
+# each file's normal stream, then the error event the server sends when generation fails).
+ERROR_EVENTS = {
+    "vllm_responses_stream.sse": b'event: error\ndata: {"type":"error","code":"server_error",'
+                                 b'"message":"engine died","param":null,"sequence_number":9}\n\n',
+    "vllm_messages_stream.sse": b'event: error\ndata: {"type":"error","error":{"type":'
+                                b'"overloaded_error","message":"Overloaded"}}\n\n',
+    "tgi_generate_stream.sse": b'data:{"error":"Request failed during generation: out of '
+                               b'memory","error_type":"generation"}\n\n',
+    "llamacpp_completion_stream.sse": b'data: {"error":{"code":500,"message":"slot died",'
+                                      b'"type":"server_error"}}\n\n',
+    "sglang_generate_stream.sse": b'data: {"error":{"message":"aborted"}}\n\ndata: [DONE]\n\n',
+    "ollama_chat_stream.ndjson": b'{"error":"model runner has unexpectedly stopped"}\n',
+    "ollama_generate_stream.ndjson": b'{"error":"model runner has unexpectedly stopped"}\n',
+}
+
+
+@pytest.mark.parametrize("file", sorted(ERROR_EVENTS))
+async def test_an_error_event_mid_stream_is_relayed_and_finishes_as_error(file: str) -> None:
+    sep = b"\n" if file.endswith(".ndjson") else b"\n\n"
+    events = (DATA / file).read_bytes().split(sep)
+    data = sep.join(events[:3]) + sep + ERROR_EVENTS[file]
+    name = STREAMS[file][0]
+    dialect = PROTOCOLS[name].dialect
+    assert dialect is not None
+    async with replay(data, CONTENT_TYPE[dialect.framing.name]) as url, \
+            running_sidecar(url) as sc, aiohttp.ClientSession() as s:
+        async with s.post(sc.url + _path(name), json={"model": "m", "stream": True}) as r:
+            assert await r.read() == data
+        assert requests(sc, api=name, status_class="2xx", finish_reason="error") == 1
