@@ -136,6 +136,10 @@ class SidecarMetrics:
         self.errors = Counter(c.ERRORS.name, c.ERRORS.help, c.ERRORS.labels, registry=registry)
         self.slo_requests = Counter(c.SLO_REQUESTS.name, c.SLO_REQUESTS.help,
                                     c.SLO_REQUESTS.labels, registry=registry)
+        self.goodput = Counter(c.GOODPUT_REQUESTS.name, c.GOODPUT_REQUESTS.help,
+                               c.GOODPUT_REQUESTS.labels, registry=registry)
+        self.goodput_tokens = Counter(c.GOODPUT_OUTPUT_TOKENS.name, c.GOODPUT_OUTPUT_TOKENS.help,
+                                      c.GOODPUT_OUTPUT_TOKENS.labels, registry=registry)
         threshold = Gauge(c.SLO_THRESHOLD.name, c.SLO_THRESHOLD.help, c.SLO_THRESHOLD.labels,
                           registry=registry)
         for name in LATENCY_SLOS:
@@ -195,6 +199,10 @@ class SidecarMetrics:
             _observe_one(child(self.queue, *lat), iv.queue, ex)
         ok = o.status_class == "2xx" and o.finish_reason not in ("cancelled", "error")
         if not ok:
+            if o.finish_reason == "cancelled":
+                child(self.goodput, o.model, "cancelled").inc()
+            elif o.status_class != "4xx":  # the client's error: not the service's to judge
+                child(self.goodput, o.model, "bad").inc()
             return
         for metric, value in ((self.ttft, iv.ttft), (self.tpot, iv.tpot),
                               (self.prefill, iv.prefill), (self.decode, iv.decode),
@@ -218,10 +226,17 @@ class SidecarMetrics:
             _observe_one(child(self.output_per_request, *lat), o.output_tokens, None)
         child(self.token_source, "input", o.input_source).inc()
         child(self.token_source, "output", o.output_source).inc()
+        good = True
         for slo, value in (("ttft", iv.ttft), ("tpot", iv.tpot), ("e2e", iv.e2e)):
             limit = self.slo.threshold_for(slo, o.model) if value is not None else None
             if limit and value is not None:
-                child(self.slo_requests, o.model, slo, "good" if value <= limit else "bad").inc()
+                met = value <= limit
+                good = good and met
+                child(self.slo_requests, o.model, slo, "good" if met else "bad").inc()
+        # Goodput: met every objective that applies, at once (DistServe's definition).
+        child(self.goodput, o.model, "good" if good else "bad").inc()
+        if good and o.output_tokens:
+            child(self.goodput_tokens, o.model).inc(o.output_tokens)
 
 
 def _observe_one(h: Any, value: float, exemplar: dict[str, str] | None) -> None:

@@ -56,6 +56,9 @@ RECORDING: dict[str, str] = {
     "itl_quantile": "llm_exporter:inter_token_latency_seconds:quantile_rate5m",  # + quantile
     "input_tokens_rate": "llm_exporter:input_tokens:rate5m",
     "output_tokens_rate": "llm_exporter:output_tokens:rate5m",
+    "goodput_rate": "llm_exporter:goodput_requests:rate5m",  # good requests/s
+    "goodput_attainment": "llm_exporter:goodput_attainment:ratio_rate5m",  # good / judged
+    "goodput_tokens_rate": "llm_exporter:goodput_output_tokens:rate5m",
     "slo_objective": SLO_OBJECTIVE,
     "slo_error_budget_remaining": SLO_BUDGET_REMAINING,
 }
@@ -65,7 +68,8 @@ EXPORTER_DOWN = "LLMExporterDown"
 GPU_COLLECTOR_DOWN = "LLMExporterGPUCollectorDown"
 UPSTREAM_UNREACHABLE = "LLMUpstreamUnreachable"
 SATURATION_HIGH = "LLMSaturationHigh"
-_TITLE = {"ttft": "TTFT", "tpot": "TPOT", "e2e": "E2E", "availability": "Availability"}
+_TITLE = {"ttft": "TTFT", "tpot": "TPOT", "e2e": "E2E", "availability": "Availability",
+          "goodput": "Goodput"}
 _WHAT = {"ttft": "time to first token", "tpot": "time per output token",
          "e2e": "end-to-end duration"}
 BAD_STATUS_CLASSES = ("5xx", "none")  # availability: no response at all counts as bad
@@ -115,6 +119,10 @@ def _sli_error_ratio(o: Objective, cfg: SloConfig, window: str) -> str:
         metric = c.REQUESTS.exposed
         total = _sel(cfg.selector, model)
         bad = _sel(cfg.selector, model, f'{c.STATUS_CLASS}=~"{"|".join(BAD_STATUS_CLASSES)}"')
+    elif o.name == "goodput":  # cancelled requests are neither good nor bad
+        metric = c.GOODPUT_REQUESTS.exposed
+        total = _sel(cfg.selector, model, f'{c.RESULT}=~"good|bad"')
+        bad = _sel(cfg.selector, model, f'{c.RESULT}="bad"')
     else:
         metric = c.SLO_REQUESTS.exposed
         total = _sel(cfg.selector, model, f'{c.SLO}="{o.name}"')
@@ -159,6 +167,8 @@ def _sli_rules(cfg: SloConfig) -> list[dict[str, Any]]:
 def _describe_objective(o: Objective) -> str:
     if o.name == "availability":
         what = "get a response that is not a 5xx"
+    elif o.name == "goodput":
+        what = "succeed and meet every latency objective of their model at once"
     else:
         what = f"have {_WHAT[o.name]} ≤ {o.threshold_seconds:g} s"
     return f"{_pct(o.target)} of requests {what}, over {o.window}"
@@ -285,6 +295,7 @@ def _dashboard_rules(cfg: SloConfig) -> list[dict[str, Any]]:
     bad = f'{c.STATUS_CLASS}=~"{"|".join(BAD_STATUS_CLASSES)}"'
     w = RATE_WINDOW
     req = c.REQUESTS.exposed
+    gp = c.GOODPUT_REQUESTS.exposed
     rules: list[dict[str, Any]] = [
         {"record": RECORDING["request_rate"],
          "expr": f"sum by ({c.MODEL}, {c.STATUS_CLASS}) (rate({req}{{SEL}}[{w}]))\n"},
@@ -300,9 +311,18 @@ def _dashboard_rules(cfg: SloConfig) -> list[dict[str, Any]]:
          "expr": f"sum by ({c.MODEL}) (rate({c.INPUT_TOKENS.exposed}{{SEL}}[{w}]))\n"},
         {"record": RECORDING["output_tokens_rate"],
          "expr": f"sum by ({c.MODEL}) (rate({c.OUTPUT_TOKENS.exposed}{{SEL}}[{w}]))\n"},
+        {"record": RECORDING["goodput_rate"],
+         "expr": f"sum by ({c.MODEL}) (rate({gp}{{SEL_GOOD}}[{w}]))\n"},
+        {"record": RECORDING["goodput_attainment"],
+         "expr": (f"sum by ({c.MODEL}) (rate({gp}{{SEL_GOOD}}[{w}]))\n/\n"
+                  f"sum by ({c.MODEL}) (rate({gp}{{SEL_JUDGED}}[{w}]))\n")},
+        {"record": RECORDING["goodput_tokens_rate"],
+         "expr": f"sum by ({c.MODEL}) (rate({c.GOODPUT_OUTPUT_TOKENS.exposed}{{SEL}}[{w}]))\n"},
     ]
     for r in rules:
         r["expr"] = (r["expr"].replace("{SEL_BAD}", _sel(cfg.selector, bad))
+                     .replace("{SEL_GOOD}", _sel(cfg.selector, f'{c.RESULT}="good"'))
+                     .replace("{SEL_JUDGED}", _sel(cfg.selector, f'{c.RESULT}=~"good|bad"'))
                      .replace("{SEL}", _sel(cfg.selector)))
     return rules
 
@@ -396,6 +416,11 @@ def _sli_input(o: Objective, base: dict[str, str], model: str,
         if extra_4xx:
             series.append((name, {**common, c.STATUS_CLASS: "4xx"},
                            [(_PER_STEP * extra_4xx, n) for _, n in segments]))
+    elif o.name == "goodput":  # cancelled requests ride along: they must not count
+        name = c.GOODPUT_REQUESTS.exposed
+        series = [(name, {**labels, c.RESULT: "good"}, good),
+                  (name, {**labels, c.RESULT: "bad"}, bad),
+                  (name, {**labels, c.RESULT: "cancelled"}, bad)]
     else:
         name = c.SLO_REQUESTS.exposed
         series = [(name, {**labels, c.SLO: o.name, c.RESULT: "good"}, good),

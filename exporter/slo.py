@@ -10,6 +10,7 @@ A file looks like ``deploy/prometheus/slo.yaml``::
       - {slo: ttft, threshold_seconds: 0.5, target: 0.99}
       - {slo: ttft, model: big-model, threshold_seconds: 2, target: 0.95}
       - {slo: availability, target: 0.999}
+      - {slo: goodput, target: 0.95}
     burn_rates:
       - {severity: page, factor: 14.4, long: 1h, short: 5m}
       ...
@@ -30,7 +31,10 @@ from typing import Any
 import yaml
 
 LATENCY_SLOS = ("ttft", "tpot", "e2e")
-SLOS = (*LATENCY_SLOS, "availability")
+# goodput: the share of requests that succeeded and met every latency objective of their model
+# at once (llm_exporter_goodput_requests_total); like availability, no threshold of its own.
+SLOS = (*LATENCY_SLOS, "availability", "goodput")
+NO_THRESHOLD = ("availability", "goodput")
 
 _DURATION = re.compile(
     r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
@@ -265,10 +269,11 @@ def _objective(raw: Any, where: str, default_window: str) -> Objective:
     if not 0.0 < target < 1.0:
         raise SloError(f"{where}: target: must be between 0 and 1 (exclusive), got {target:g}")
     threshold: float | None = None
-    if name == "availability":
+    if name in NO_THRESHOLD:
         if "threshold_seconds" in m:
-            raise SloError(f"{where}: threshold_seconds: availability has no threshold "
-                           "(good = any response that is not 5xx)")
+            raise SloError(f"{where}: threshold_seconds: {name} has no threshold of its own "
+                           + ("(good = any response that is not 5xx)" if name == "availability"
+                              else "(good = met every latency objective at once)"))
     else:
         if "threshold_seconds" not in m:
             raise SloError(f"{where}: threshold_seconds: required for a {name} objective")

@@ -45,6 +45,8 @@ SIDECAR_NAMES = {
     "llm_exporter_phase_source_total",
     "llm_exporter_errors_total",
     "llm_exporter_slo_requests_total",
+    "llm_exporter_goodput_requests_total",
+    "llm_exporter_goodput_output_tokens_total",
     "llm_exporter_requests_in_flight",
     "llm_exporter_requests_queued",
     "llm_exporter_slo_threshold_seconds",

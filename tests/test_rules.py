@@ -207,7 +207,7 @@ def test_every_alert_has_firing_and_quiet_cases() -> None:
                     bucket[key] = bucket.get(key, 0) + 1
     every = {(r["alert"], r["labels"]["severity"]) for r in _rules(_generated(), "alert")}
     assert {a for a, _ in every} == set(rules.alert_names(cfg))
-    assert len(rules.alert_names(cfg)) == 8
+    assert len(rules.alert_names(cfg)) == 9
     assert set(fired) == every, every - set(fired)
     assert set(quiet) == every, every - set(quiet)
 

@@ -17,7 +17,8 @@ def test_default_file_is_the_documented_one() -> None:
     cfg = slo.load(ROOT / DEFAULT_SLO)
     assert cfg.thresholds() == {"ttft": 0.5, "tpot": 0.1, "e2e": 60.0}
     assert {(o.name, o.target) for o in cfg.objectives} == {
-        ("ttft", 0.99), ("tpot", 0.99), ("e2e", 0.99), ("availability", 0.999)}
+        ("ttft", 0.99), ("tpot", 0.99), ("e2e", 0.99), ("availability", 0.999),
+        ("goodput", 0.95)}
     assert all(o.window == "30d" and o.model is None for o in cfg.objectives)
     assert cfg.burn_rates == slo.DEFAULT_BURN_RATES
     assert [(b.severity, b.factor, b.long, b.short) for b in cfg.burn_rates] == [
@@ -78,7 +79,8 @@ OK = {"slo": "ttft", "threshold_seconds": 0.5, "target": 0.99}
     ({"objectives": {"slo": "ttft"}}, "objectives: expected a list"),
     ({"objectives": [{**OK, "treshold": 1}]}, "objectives[0]: unknown key(s) 'treshold'"),
     ({"objectives": [{**OK, "slo": "latency"}]},
-     "objectives[0]: slo: expected one of ttft, tpot, e2e, availability, got 'latency'"),
+     "objectives[0]: slo: expected one of ttft, tpot, e2e, availability, goodput, got "
+     "'latency'"),
     ({"objectives": [{**OK, "target": 99}]},
      "objectives[0]: target: must be between 0 and 1 (exclusive), got 99"),
     ({"objectives": [{**OK, "target": 1.0}]}, "target: must be between 0 and 1"),

@@ -314,8 +314,8 @@ class TestGeneration:
         for i in range(N_STREAM + N_WHOLE):
             stream = i < N_STREAM
             before = side
-            r = post(generation["proxy"], api.path, api.body(i, stream), api.text_event,
-                     api.headers)
+            r = post(generation["proxy"], api.path, api.body(i, stream),
+                     api.text_event if stream else None, api.headers)
             assert r.status == 200, r.body
             tin, tout = api.check(r, stream)
             usage_in += tin

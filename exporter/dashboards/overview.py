@@ -79,6 +79,24 @@ def build() -> dict[str, Any]:
                    *_percentiles(c.REQUEST_DURATION)),
     )
     b.row("SLOs").add(*slo_queries.panels())
+    good = f'{c.RESULT}="good"'
+    judged = f'{c.RESULT}=~"good|bad"'
+    b.row("Goodput").add(
+        timeseries("Goodput and throughput", "Requests/s that succeeded and met every latency "
+                   "objective of their model at once (good), next to all finished requests.",
+                   "reqps",
+                   Q(pq.rate(c.GOODPUT_REQUESTS, good, by=(c.MODEL,)), f"good {{{{{c.MODEL}}}}}"),
+                   Q(pq.rate(c.REQUESTS, by=(c.MODEL,)), f"all {{{{{c.MODEL}}}}}")),
+        timeseries("Goodput attainment", "Good / (good + bad) requests: the share that met "
+                   "every objective (cancelled requests are neither).", "percentunit",
+                   Q(f"{pq.rate(c.GOODPUT_REQUESTS, good, by=(c.MODEL,))} / "
+                     f"{pq.rate(c.GOODPUT_REQUESTS, judged, by=(c.MODEL,))}",
+                     f"{{{{{c.MODEL}}}}}"), slo_queries.objective("goodput")),
+        timeseries("Good output tokens/s", "Output tokens/s of good requests, next to all "
+                   "output tokens/s: the throughput that met the objectives.", "short",
+                   Q(pq.rate(c.GOODPUT_OUTPUT_TOKENS, by=(c.MODEL,)), f"good {{{{{c.MODEL}}}}}"),
+                   Q(pq.rate(c.OUTPUT_TOKENS, by=(c.MODEL,)), f"all {{{{{c.MODEL}}}}}")),
+    )
     b.row("Tokens and load").add(
         timeseries("Tokens/s", "Prompt tokens in and completion tokens out, per model.",
                    "short",

@@ -45,6 +45,11 @@ def threshold(slo: str) -> Q:
     return Q(pq.gauge(c.SLO_THRESHOLD, f'{c.SLO}="{slo}"', agg="max"), THRESHOLD, dashed=True)
 
 
+def objective(slo: str) -> Q:
+    """The SLO file's target for ``slo`` as a flat line (recording rule of the objectives)."""
+    return Q(f'max({rules.SLO_OBJECTIVE}{{{c.SLO}="{slo}"}})', "objective", dashed=True)
+
+
 def burn_rate(window: str) -> str:
     """Error ratio over ``window`` divided by the error budget (1 = spending exactly the
     budget over the SLO window). A model's own objective wins over the one for all models."""
