@@ -305,6 +305,13 @@ SATURATION = MetricSpec(
     "Per-replica saturation for autoscalers: max(queued / queue threshold, KV usage / KV "
     "threshold); 1 means at capacity.", group="engine")
 
+SLO_LOAD = MetricSpec(
+    PREFIX + "slo_load_ratio", Kind.GAUGE,
+    "SLO-normalised load of this replica: over the last --slo-load-window seconds, the 90th "
+    "percentile of each request's TTFT divided by its model's TTFT objective, and the same for "
+    "TPOT; the larger of the two. 1 = recent requests sit at their objectives; 0 with no "
+    "request in the window.")
+
 # --- Cost ---
 COST = MetricSpec(
     PREFIX + "cost_dollars", Kind.COUNTER,

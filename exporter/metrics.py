@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,15 +89,55 @@ class Outcome:
     inputs: int | None = None  # batch size of a pooling request
 
 
+class SloLoad:
+    """The SLO-normalised load (``llm_exporter_slo_load_ratio``)::
+
+        load = max(p90(TTFT / TTFT objective), p90(TPOT / TPOT objective))
+
+    over the requests that ended in the last ``window`` seconds, each divided by its own
+    model's objective (so models with different objectives share one figure). 1.0 means recent
+    requests sit at their objectives: the figure an autoscaler can target directly, next to
+    the queue/KV saturation ratio. Fed from the event loop, read at scrape time from the
+    metrics thread (deque appends and pops are atomic); at most ``MAX_SAMPLES`` per SLO."""
+
+    QUANTILE = 0.9
+    MAX_SAMPLES = 50_000
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self._clock = clock
+        self._ratios: dict[str, deque[tuple[float, float]]] = {
+            slo: deque(maxlen=self.MAX_SAMPLES) for slo in ("ttft", "tpot")}
+
+    def observe(self, slo: str, ratio: float) -> None:
+        samples = self._ratios.get(slo)
+        if samples is not None:
+            samples.append((self._clock(), ratio))
+
+    def value(self) -> float:
+        since = self._clock() - self.window
+        worst = 0.0
+        for samples in self._ratios.values():
+            while samples and samples[0][0] < since:
+                samples.popleft()
+            values = sorted(r for t, r in list(samples) if t >= since)
+            if values:  # nearest rank
+                worst = max(worst, values[max(0, math.ceil(self.QUANTILE * len(values)) - 1)])
+        return worst
+
+
 class _StateCollector(Collector):
     """In-flight and queued, read from the proxy's live state at scrape time."""
 
-    def __init__(self, state: ProxyState) -> None:
+    def __init__(self, state: ProxyState, load: SloLoad | None = None) -> None:
         self._state = state
+        self._load = load
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(c.IN_FLIGHT.name, c.IN_FLIGHT.help, value=self._state.in_flight)
         yield GaugeMetricFamily(c.QUEUED.name, c.QUEUED.help, value=self._state.queued)
+        if self._load is not None:
+            yield GaugeMetricFamily(c.SLO_LOAD.name, c.SLO_LOAD.help, value=self._load.value())
 
 
 class SidecarMetrics:
@@ -148,7 +190,8 @@ class SidecarMetrics:
                 threshold.labels(name).set(value)
         self.build = Info(c.BUILD_INFO.name, c.BUILD_INFO.help, registry=registry)
         self.build.info({"version": __version__, c.ENGINE: state.engine})
-        registry.register(_StateCollector(state))
+        self.slo_load = SloLoad(settings.slo_load_window)
+        registry.register(_StateCollector(state, self.slo_load))
         for t in ("upstream_connect", "upstream_timeout", "upstream_protocol",
                   "client_disconnect", "client_timeout", "queue_full", "instrumentation"):
             self.errors.labels(t)  # exported at 0 from the start, so rate() works at once
@@ -232,6 +275,7 @@ class SidecarMetrics:
             if limit and value is not None:
                 met = value <= limit
                 good = good and met
+                self.slo_load.observe(slo, value / limit)
                 child(self.slo_requests, o.model, slo, "good" if met else "bad").inc()
         # Goodput: met every objective that applies, at once (DistServe's definition).
         child(self.goodput, o.model, "good" if good else "bad").inc()

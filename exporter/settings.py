@@ -123,6 +123,9 @@ class Settings:
     gpu: bool = _opt(True, "Collect GPU figures through NVML.")
     saturation_queue_threshold: float = _opt(5.0, "Queued requests that count as saturated.")
     saturation_kv_threshold: float = _opt(0.8, "KV-cache usage that counts as saturated.")
+    slo_load_window: float = _opt(30.0, "Seconds of recent requests llm_exporter_slo_load_ratio "
+                                  "reads (p90 of TTFT and TPOT over their objectives).",
+                                  metavar="SECONDS")
     gpu_hourly_cost: float = _opt(0.0, "Cost of one GPU per hour (currency units).")
     replica_hourly_cost: float = _opt(0.0, "Other cost of this replica per hour.")
     # --- misc ---
@@ -145,7 +148,7 @@ class Settings:
             raise SettingsError("--max-models must be at least 1")
         for name in ("connect_timeout", "upstream_timeout", "client_header_timeout",
                      "slo_ttft", "slo_tpot", "slo_e2e", "gpu_hourly_cost",
-                     "replica_hourly_cost", "engine_span_wait"):
+                     "replica_hourly_cost", "engine_span_wait", "slo_load_window"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"--{name.replace('_', '-')} must not be negative")
         if self.upstream and not self.upstream.startswith(("http://", "https://")):

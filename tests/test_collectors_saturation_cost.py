@@ -51,6 +51,21 @@ def test_saturation_collector_reads_live_state() -> None:
     assert reg.get_sample_value(c.SATURATION.name) == pytest.approx(2.0)
 
 
+def test_saturation_is_absent_when_no_input_is_known() -> None:
+    """Engine metrics unreachable and no sidecar queue: no figure rather than a false 0."""
+    sc = StaticScraper(EngineSignals("unknown", False))
+    for sidecar_queue, expected in ((False, None), (True, 0.0)):
+        reg = CollectorRegistry()
+        reg.register(SaturationCollector(sc, ProxyState(), queue_threshold=5, kv_threshold=0.8,
+                                         sidecar_queue=sidecar_queue))
+        assert reg.get_sample_value(c.SATURATION.name) == expected
+    sc.sig = EngineSignals("vllm", True, waiting=0, kv_usage=0.1)
+    reg = CollectorRegistry()
+    reg.register(SaturationCollector(sc, ProxyState(), queue_threshold=5, kv_threshold=0.8,
+                                     sidecar_queue=False))
+    assert reg.get_sample_value(c.SATURATION.name) == pytest.approx(0.125)
+
+
 class Clock:
     def __init__(self) -> None:
         self.t = 500.0

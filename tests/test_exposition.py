@@ -49,6 +49,7 @@ SIDECAR_NAMES = {
     "llm_exporter_goodput_output_tokens_total",
     "llm_exporter_requests_in_flight",
     "llm_exporter_requests_queued",
+    "llm_exporter_slo_load_ratio",
     "llm_exporter_slo_threshold_seconds",
     "llm_exporter_build_info",
 }

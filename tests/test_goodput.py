@@ -58,3 +58,38 @@ async def test_goodput_counts_requests_that_met_every_objective() -> None:
         # each objective alone: the TPOT-only miss is good on TTFT
         assert sc.value("llm_exporter_slo_requests_total",
                         {"model": "m", "slo": "ttft", "result": "good"}) == 2
+
+
+def test_slo_load_is_the_worse_p90_over_the_window() -> None:
+    from exporter.metrics import SloLoad
+
+    now = [100.0]
+    load = SloLoad(window=30, clock=lambda: now[0])
+    assert load.value() == 0.0  # nothing in the window: no load
+    for i in range(10):  # TTFT ratios 0.1 .. 1.0
+        load.observe("ttft", (i + 1) / 10)
+    load.observe("tpot", 0.5)
+    assert load.value() == 0.9  # nearest-rank p90 of the TTFT ratios
+    load.observe("tpot", 3.0)
+    assert load.value() == 3.0  # p90 of two TPOT ratios is the larger
+    now[0] += 31  # all of it leaves the window
+    assert load.value() == 0.0
+    load.observe("e2e", 5.0)  # only TTFT and TPOT count
+    assert load.value() == 0.0
+
+
+async def test_slo_load_crosses_one_when_requests_miss_their_objective() -> None:
+    async with SyntheticUpstream() as up, running_sidecar(up.url, slo_ttft=0.1, slo_tpot=0.05,
+                                                          slo_load_window=60) as sc, \
+            aiohttp.ClientSession() as s:
+        async def go(ttft: float) -> None:
+            async with s.post(sc.url + CHAT, json=BODY,
+                              headers=Script(ttft=ttft, itl=0.002, tokens=4).header()) as r:
+                await r.read()
+
+        for _ in range(5):
+            await go(0.02)
+        assert 0.1 < sc.value("llm_exporter_slo_load_ratio") < 0.5  # TTFT ~0.02 / 0.1
+        for _ in range(5):
+            await go(0.15)
+        assert 1.4 < sc.value("llm_exporter_slo_load_ratio") < 2.0  # TTFT ~0.15 / 0.1

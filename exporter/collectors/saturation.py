@@ -15,7 +15,11 @@
 1.0 means "at capacity": scale out above it, and a router should prefer replicas below it.
 Requests that are running do not count: a full batch with nothing waiting is busy, not
 saturated. A term is left out when its input is unknown (no engine metrics: the queue term
-is the sidecar's queue alone) or its threshold is 0 (disabled).
+is the sidecar's queue alone) or its threshold is 0 (disabled). When neither input is known —
+the engine's metrics unreachable or unrecognised, and no ``--max-concurrency`` for the sidecar
+to queue in — the gauge is *absent*, not 0: an autoscaler then holds instead of scaling in on
+a load it cannot see (``llm_exporter_engine_metrics_up`` says why; the SLO load gauge, measured
+by the sidecar itself, stays).
 
 Sizing the queue threshold: a waiting request waits about (requests ahead of it) / (requests
 the replica completes per second), so ``queue_threshold ≈ TTFT objective × requests completed
@@ -59,8 +63,10 @@ class SaturationCollector(FailsafeCollector):
     SPECS = (c.SATURATION,)
 
     def __init__(self, scraper: EngineScraper, state: ProxyState, *, queue_threshold: float,
-                 kv_threshold: float, on_error: OnError | None = None) -> None:
+                 kv_threshold: float, sidecar_queue: bool = True,
+                 on_error: OnError | None = None) -> None:
         super().__init__(on_error)
+        self._sidecar_queue = sidecar_queue  # --max-concurrency set: the sidecar queues
         self._scraper = scraper
         self._state = state
         self._queue_threshold = queue_threshold
@@ -68,6 +74,8 @@ class SaturationCollector(FailsafeCollector):
 
     def _collect(self, out: list[Metric]) -> None:
         sig = self._scraper.signals()  # cached: the engine collector fetched it this scrape
+        if not self._sidecar_queue and sig.waiting is None and sig.kv_usage is None:
+            return  # nothing known: absent, not a reassuring 0
         f = family(c.SATURATION)
         f.add_metric([], saturation_ratio(
             self._state.queued, sig.waiting, sig.kv_usage,

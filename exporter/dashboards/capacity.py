@@ -32,6 +32,11 @@ def build() -> dict[str, Any]:
              Q(f"count({c.IN_FLIGHT.exposed}{pq.matchers(None)})", "replicas"), h=8),
         timeseries("Saturation per replica", "1 means at capacity; scale out before it.",
                    "percentunit", Q(pq.gauge(c.SATURATION, agg="max", by=by_pod), POD)),
+        timeseries("SLO load per replica", "p90 of TTFT and of TPOT over their objectives "
+                   "(each request against its model's), the larger, over the sidecar's "
+                   "--slo-load-window: 1 = recent requests sit at their objectives.", "x",
+                   Q(pq.gauge(c.SLO_LOAD, agg="max", by=by_pod), POD),
+                   Q("vector(1)", "objective", dashed=True)),
         timeseries("Replicas", "Sidecars reporting, scrape targets up, and the Deployment's "
                    "desired and available replicas (kube-state-metrics).", "short",
                    Q(f"count({c.IN_FLIGHT.exposed}{pq.matchers(None)})", "reporting"),
