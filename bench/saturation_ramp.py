@@ -37,7 +37,7 @@ from exporter import catalogue as c  # noqa: E402
 
 WATCH = {c.SATURATION.name: "saturation", c.ENGINE_WAITING.name: "waiting",
          c.ENGINE_RUNNING.name: "running", c.QUEUED.name: "queued",
-         }
+         c.SLO_LOAD.name: "slo_load"}
 # Sampled, not greedy: the tiny model's random weights hit end-of-sequence at once when greedy,
 # and a ramp of one-token answers measures nothing but prefill.
 TEMPERATURE = 1.0
@@ -146,10 +146,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def table(steps: list[Step], seconds: float) -> str:
-    rows = ["| clients | requests | saturation mean | saturation max | engine waiting "
-            "(mean) | engine running (mean) | TTFT p50 (ms) | TTFT p95 (ms) | output tok/s "
-            "| engine busy | engine CPU (cores) | engine RSS (MiB) |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| clients | requests | saturation mean | saturation max | SLO load (end) | "
+            "engine waiting (mean) | engine running (mean) | TTFT p50 (ms) | TTFT p95 (ms) | "
+            "output tok/s | engine busy | engine CPU (cores) | engine RSS (MiB) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in steps:
         def mean(k: str, s: Step = s) -> float:
             v = s.samples.get(k, [])
@@ -159,8 +159,10 @@ def table(steps: list[Step], seconds: float) -> str:
         b = s.busy
         util = (b[-1][1] - b[0][1]) / (b[-1][0] - b[0][0]) if len(b) > 1 else float("nan")
         rss = s.samples.get("engine_rss", [])
+        load = s.samples.get("slo_load", [])  # the sidecar's own window: read at the end
         rows.append(f"| {s.concurrency} | {s.done} | {mean('saturation'):.2f} | "
-                    f"{max(sat) if sat else float('nan'):.2f} | {mean('waiting'):.1f} | "
+                    f"{max(sat) if sat else float('nan'):.2f} | "
+                    f"{load[-1] if load else float('nan'):.2f} | {mean('waiting'):.1f} | "
                     f"{mean('running'):.1f} | {pct(s.ttft, 0.5) * 1000:.0f} | "
                     f"{pct(s.ttft, 0.95) * 1000:.0f} | {s.tokens / seconds:.0f} | "
                     f"{util:.2f} | {mean('engine_cpu'):.2f} | "
@@ -196,6 +198,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=12.0, help="per step")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--queue-threshold", type=float, default=5.0)
+    p.add_argument("--slo-ttft", type=float, default=0.5, help="TTFT objective (s) the SLO "
+                   "load reads against")
+    p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT objective (s)")
     args = p.parse_args()
 
     model = args.model
@@ -211,7 +216,9 @@ def main() -> int:
     serve = [sys.executable, "-m", "exporter", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport),
              "--saturation-queue-threshold", str(args.queue_threshold), "--log-level",
-             "warning"]
+             "warning", "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
+             # the SLO load over one step, read at its end
+             "--slo-load-window", str(args.seconds)]
     url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics"
     try:
         if not upstream:
@@ -242,7 +249,8 @@ def main() -> int:
     what = (f"Sidecar in front of {args.upstream}" if args.upstream
             else f"Embedded engine ({args.model or 'Gemma 3 270M'}), max batch {args.max_batch}")
     print(f"\n{what}, queue threshold "
-          f"{args.queue_threshold:g}, {args.seconds:g} s per step, {args.max_tokens} tokens "
+          f"{args.queue_threshold:g}, objectives TTFT {args.slo_ttft:g} s and TPOT "
+          f"{args.slo_tpot:g} s, {args.seconds:g} s per step, {args.max_tokens} tokens "
           f"per request, closed-loop clients.\n")
     print(table(steps, args.seconds))
     return 0
