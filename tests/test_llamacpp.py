@@ -1,13 +1,18 @@
-"""The sidecar in front of llama-cpp-python's OpenAI server with the real Gemma 3 270M GGUF.
+"""The sidecar in front of llama.cpp's servers with the real Gemma 3 270M GGUF.
 
-llama-cpp-python streams no ``usage`` (it ignores ``stream_options``) and, unlike the native
-``llama-server``, sends no ``timings``: output tokens must still come out exact through the
-sidecar's tokenizer (``--tokenizer`` pointing at the GGUF itself), and the phases come from the
-outside view. The separate count is llama.cpp's own: the same greedy request sent straight to
-the server without streaming, whose ``usage.completion_tokens`` is what llama.cpp generated.
+llama-cpp-python's OpenAI server streams no ``usage`` (it ignores ``stream_options``) and,
+unlike the native ``llama-server``, sends no ``timings``: output tokens must still come out exact
+through the sidecar's tokenizer (``--tokenizer`` pointing at the GGUF itself), and the phases come
+from the outside view. The separate count is llama.cpp's own: the same greedy request sent
+straight to the server without streaming, whose ``usage.completion_tokens`` is what llama.cpp
+generated.
 
-Needs ``.venv-llamacpp`` (``scripts/setup-llamacpp.sh``; ~8 min build the first time):
-``make test-llamacpp``.
+llama.cpp's native ``llama-server`` and its ``/completion`` route: the last event of each stream
+(and the whole non-streamed body) carries ``tokens_predicted``, ``tokens_evaluated`` and
+``timings``, so counts and phases must come out exactly as llama.cpp reported them.
+
+Needs ``.venv-llamacpp`` and ``.llama-server/bin/llama-server`` (``scripts/setup-llamacpp.sh``;
+~8 min and ~NN min of builds the first time): ``make test-llamacpp``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -30,14 +36,18 @@ from tests.engine_procs import free_port, get, scrape, stop, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-llamacpp"
+LLAMA_SERVER_DIR = ROOT / ".llama-server"
+LLAMA_SERVER = LLAMA_SERVER_DIR / "bin" / "llama-server"
+CAPTURED = ROOT / "tests" / "data" / "protocols" / "llamacpp_completion_stream_captured.sse"
 
-pytestmark = [
-    pytest.mark.llamacpp,
-    pytest.mark.timeout(420),
-    pytest.mark.skipif(not any(VENV.glob(".synced-llamacpp-*")),
-                       reason=".venv-llamacpp absent: run scripts/setup-llamacpp.sh "
-                              "(make test-llamacpp)"),
-]
+pytestmark = [pytest.mark.llamacpp, pytest.mark.timeout(420)]
+needs_venv = pytest.mark.skipif(
+    not any(VENV.glob(".synced-llamacpp-*")),
+    reason=".venv-llamacpp absent: run scripts/setup-llamacpp.sh (make test-llamacpp)")
+needs_llama_server = pytest.mark.skipif(
+    not (any(LLAMA_SERVER_DIR.glob(".built-*")) and os.access(LLAMA_SERVER, os.X_OK)),
+    reason=".llama-server/bin/llama-server absent: run scripts/setup-llamacpp.sh "
+           "(make test-llamacpp)")
 
 # (prompt, max_tokens): different lengths so each count is its own.
 PROMPTS = [("What is the capital of France?", 24), ("Write one sentence about the sea.", 17),
@@ -129,6 +139,7 @@ async def direct_counts(llama: str) -> list[tuple[str, int]]:
     return out
 
 
+@needs_venv
 def test_exact_output_tokens_and_outside_phases(stack: dict[str, str]) -> None:
     streamed = asyncio.run(stream_through(stack["proxy"]))
     assert not any(usage for _, usage in streamed)  # llama-cpp-python really sends none
@@ -162,3 +173,146 @@ def test_exact_output_tokens_and_outside_phases(stack: dict[str, str]) -> None:
     assert tokens.get((("source", "tokenizer"), ("token_type", "output"))) == n, tokens
     ttft, e2e = m[catalogue.TTFT.name][1], m[catalogue.REQUEST_DURATION.name][1]
     assert ttft + m[catalogue.DECODE.name][1] <= e2e + 1e-6
+
+
+# --- llama.cpp's native llama-server, /completion --------------------------------------------
+
+# (prompt, stream): three streams and one whole response, each its own length.
+COMPLETIONS = [("The capital of France is", True), ("Once upon a time, in a small village,", True),
+               ("List three colours:", True), ("The sea is", False)]
+N_PREDICT = 12
+# The request the captured sample was recorded with (tests/data/protocols/README.md).
+CAPTURE_BODY = {"prompt": "The capital of France is", "n_predict": 12, "temperature": 0,
+                "stream": True}
+
+
+@pytest.fixture(scope="module")
+def native(gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    logs = tmp_path_factory.mktemp("native-logs")
+    lport, pport, mport = free_port(), free_port(), free_port()
+    llama_cmd = [str(LLAMA_SERVER), "-m", str(gguf), "-c", "1024", "-np", "1",
+                 "--host", "127.0.0.1", "--port", str(lport)]
+    sidecar_cmd = [sys.executable, "-m", "exporter", "serve",
+                   "--upstream", f"http://127.0.0.1:{lport}", "--host", "127.0.0.1",
+                   "--port", str(pport), "--metrics-host", "127.0.0.1",
+                   "--metrics-port", str(mport), "--no-gpu"]
+    llog, slog = logs / "llama-server.log", logs / "sidecar.log"
+    t0 = time.monotonic()
+    with llog.open("wb") as lf, slog.open("wb") as sf:
+        llama = subprocess.Popen(llama_cmd, stdout=lf, stderr=subprocess.STDOUT, cwd=logs,
+                                 start_new_session=True)
+        sidecar = subprocess.Popen(sidecar_cmd, stdout=sf, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   start_new_session=True)
+    procs, plogs = [llama, sidecar], [llog, slog]
+    try:
+        # /health answers 503 while the model loads (an HTTPError, an OSError: retried).
+        wait_until("llama-server /health", lambda: get(f"http://127.0.0.1:{lport}/health"),
+                   t0 + 120, procs, plogs)
+        wait_until("sidecar /readyz", lambda: get(f"http://127.0.0.1:{mport}/readyz"),
+                   time.monotonic() + 180, procs, plogs)
+        yield {"llama": f"http://127.0.0.1:{lport}", "proxy": f"http://127.0.0.1:{pport}",
+               "metrics": f"http://127.0.0.1:{mport}/metrics",
+               "start_s": f"{time.monotonic() - t0:.1f}"}
+    finally:
+        stop(sidecar)
+        stop(llama)
+
+
+def sse_events(raw: bytes) -> list[dict[str, Any]]:
+    """Every event of an SSE body, each checked to be one ``data:`` line of JSON."""
+    assert raw.endswith(b"\n\n"), raw[-200:]
+    events = []
+    for block in raw.decode().split("\n\n")[:-1]:
+        assert block.startswith("data: ") and "\n" not in block, block[:200]
+        events.append(json.loads(block[len("data: "):]))
+    return events
+
+
+def check_stream(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A complete stream: partial events with ``"stop":false``, then one final; the final."""
+    assert len(events) >= 2
+    *partials, final = events
+    assert all(e["stop"] is False and isinstance(e["content"], str) for e in partials), partials
+    assert final["stop"] is True, final
+    assert final["tokens_predicted"] == partials[-1]["tokens_predicted"] <= N_PREDICT
+    assert isinstance(final["timings"], dict), final
+    return final
+
+
+async def completions(url: str) -> list[dict[str, Any]]:
+    """Each request of COMPLETIONS through ``url`` in turn; the final event or whole body."""
+    finals = []
+    async with aiohttp.ClientSession() as s:
+        for prompt, stream in COMPLETIONS:
+            req = {"prompt": prompt, "n_predict": N_PREDICT, "stream": stream}
+            async with s.post(f"{url}/completion", json=req) as r:
+                assert r.status == 200, await r.text()
+                if stream:
+                    assert r.headers["Content-Type"].startswith("text/event-stream")
+                    finals.append(check_stream(sse_events(await r.read())))
+                else:
+                    obj = await r.json()
+                    assert obj["stop"] is True and isinstance(obj["timings"], dict), obj
+                    finals.append(obj)
+    return finals
+
+
+async def post_raw(url: str, body: dict[str, Any]) -> bytes:
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+
+def label_sum(values: dict[tuple[tuple[str, str], ...], float], **want: str) -> float:
+    return sum(v for k, v in values.items() if want.items() <= dict(k).items())
+
+
+def shape(events: list[dict[str, Any]]) -> tuple[list[str], list[str], list[str]]:
+    """Key order of the partial events (all alike), of the final event and of its timings."""
+    *partials, final = events
+    keys = {tuple(e) for e in partials}
+    assert len(keys) == 1, keys
+    return list(keys.pop()), list(final), list(final["timings"])
+
+
+@needs_llama_server
+def test_llama_server_completion_counts_and_engine_timings(native: dict[str, str]) -> None:
+    # The live server streams what the committed capture holds (same build, same request).
+    live = sse_events(asyncio.run(post_raw(f"{native['llama']}/completion", CAPTURE_BODY)))
+    check_stream(live)
+    assert shape(live) == shape(sse_events(CAPTURED.read_bytes()))
+
+    finals = asyncio.run(completions(native["proxy"]))
+    n = len(COMPLETIONS)
+    deadline = time.monotonic() + 60  # recording follows the last byte relayed
+    while time.monotonic() < deadline:
+        requests = by_labels(native["metrics"], catalogue.REQUESTS.name)
+        if label_sum(requests, api="llamacpp") >= n:
+            break
+        time.sleep(0.5)
+    m = scrape(native["metrics"])
+    phases = by_labels(native["metrics"], catalogue.PHASE_SOURCE.name)
+    tokens = by_labels(native["metrics"], catalogue.TOKEN_SOURCE.name)
+    predicted = [f["tokens_predicted"] for f in finals]
+    evaluated = [f["tokens_evaluated"] for f in finals]
+    prompt_s = [f["timings"]["prompt_ms"] / 1000 for f in finals]
+    decode_s = [f["timings"]["predicted_ms"] / 1000 for f in finals]
+    print(f"llama-server + sidecar start {native['start_s']} s; tokens_predicted {predicted}; "
+          f"tokens_evaluated {evaluated}; prompt_ms/1000 {prompt_s}; "
+          f"sidecar prefill {m.get(catalogue.PREFILL.name)}, decode "
+          f"{m.get(catalogue.DECODE.name)}; phase sources {phases}")
+
+    assert label_sum(requests, api="llamacpp", operation="text_completion") == n, requests
+    assert label_sum(requests, api="llamacpp", stream="true") == 3, requests
+    assert label_sum(requests, api="llamacpp", status_class="2xx") == n, requests
+    assert m[catalogue.OUTPUT_TOKENS.name][1] == sum(predicted)
+    assert m[catalogue.INPUT_TOKENS.name][1] == sum(evaluated)
+    assert tokens.get((("source", "usage"), ("token_type", "output"))) == n, tokens
+    assert tokens.get((("source", "usage"), ("token_type", "input"))) == n, tokens
+    # The phases are llama.cpp's own: prompt_ms is the prefill, predicted_ms the decode.
+    assert phases.get((("phase", "prefill"), ("source", "engine_timings"))) == n, phases
+    assert phases.get((("phase", "decode"), ("source", "engine_timings"))) == n, phases
+    assert label_sum(phases, source="sidecar") == 0, phases
+    assert m[catalogue.PREFILL.name][0] == n
+    assert m[catalogue.PREFILL.name][1] == pytest.approx(sum(prompt_s), abs=1e-6)
+    assert m[catalogue.DECODE.name][1] == pytest.approx(sum(decode_s), abs=1e-6)

@@ -82,6 +82,10 @@ class Script:
     content_type: str | None = None  # override the response content type
     raw_body: bytes | None = None  # answer exactly these bytes (non-stream)
     hang: float = 0.0  # sleep before sending headers (for timeout tests)
+    # A server that slows with load: TTFT grows by this much per other stream in flight when
+    # the request arrives, and ITL by ``itl_per_active`` (for calibrate's capacity tests).
+    ttft_per_active: float = 0.0
+    itl_per_active: float = 0.0
 
     @classmethod
     def from_json(cls, text: str | bytes, base: Script | None = None) -> Script:
@@ -545,11 +549,13 @@ class SyntheticUpstream:
             await resp.write(shapes.role())
         k = max(script.tokens_per_chunk, 1)
         emitted = 0
-        first = rec.started_at + script.ttft
+        others = self.active - 1  # this request is counted in self.active already
+        first = rec.started_at + script.ttft + script.ttft_per_active * others
+        itl = script.itl + script.itl_per_active * others
         for j in range(script.chunks):
             if script.cut_after is not None and j >= script.cut_after:
                 break
-            await _sleep_until(first + j * script.itl, self.spin)
+            await _sleep_until(first + j * itl, self.spin)
             n = min(k, script.tokens - emitted)
             await resp.write(shapes.content(token_words(emitted, n)))
             t = clock()
@@ -854,6 +860,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=Script.tokens)
     p.add_argument("--tokens-per-chunk", type=int, default=Script.tokens_per_chunk)
     p.add_argument("--usage", choices=("auto", "never", "always"), default=Script.usage)
+    p.add_argument("--ttft-per-active", type=float, default=0.0,
+                   help="Seconds added to TTFT per other stream in flight (a server that "
+                        "slows with load).")
+    p.add_argument("--itl-per-active", type=float, default=0.0,
+                   help="Seconds added to ITL per other stream in flight.")
     p.add_argument("--spin", type=float, default=0.0,
                    help="Seconds before each deadline to spin instead of sleep (precision).")
     p.add_argument("--raw", action="store_true",
@@ -861,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-uvloop", action="store_true", help="Use the default asyncio loop.")
     a = p.parse_args(argv)
     default = Script(ttft=a.ttft, itl=a.itl, tokens=a.tokens,
-                     tokens_per_chunk=a.tokens_per_chunk, usage=a.usage)
+                     tokens_per_chunk=a.tokens_per_chunk, usage=a.usage,
+                     ttft_per_active=a.ttft_per_active, itl_per_active=a.itl_per_active)
 
     async def serve() -> None:
         if a.raw:

@@ -54,6 +54,7 @@ class GenRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 @dataclass
@@ -336,7 +337,7 @@ class Scheduler:
     def _advance(self, row: _Row) -> None:
         """Decode the new token, stream the text that is certain, and decide if the row ends."""
         req, h = row.handle.req, row.handle
-        hit_stop_id = row.ids[-1] in self.stop_ids
+        hit_stop_id = row.ids[-1] in self.stop_ids and not req.ignore_eos
         text_ids = row.ids[:-1] if hit_stop_id else row.ids
         text = self.tok.decode(text_ids, skip_special_tokens=True)
         cut = len(text)

@@ -145,10 +145,13 @@ def _gen_request(body: dict[str, Any], prompt_ids: list[int], default_max: int,
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
     return GenRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
                       temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-                      stop=tuple(s for s in stops if s))
+                      stop=tuple(s for s in stops if s), ignore_eos=ignore_eos)
 
 
 def _text(content: Any) -> str:
