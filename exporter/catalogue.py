@@ -305,6 +305,15 @@ SATURATION = MetricSpec(
     "Per-replica saturation for autoscalers: max(queued / queue threshold, KV usage / KV "
     "threshold); 1 means at capacity.", group="engine")
 
+CAPACITY = MetricSpec(
+    PREFIX + "capacity_requests_per_second", Kind.GAUGE,
+    "Requests/s one replica carries within its objectives, as `llm-exporter calibrate` "
+    "measured it (--capacity-rps); absent when not configured.")
+CAPACITY_LOAD = MetricSpec(
+    PREFIX + "capacity_load_ratio", Kind.GAUGE,
+    "Demand on this replica over its calibrated capacity: requests that arrived in the last "
+    "--slo-load-window seconds, per second, divided by --capacity-rps (1 = at capacity; the "
+    "sum over replicas is the replica count the load needs). Absent without --capacity-rps.")
 SLO_LOAD = MetricSpec(
     PREFIX + "slo_load_ratio", Kind.GAUGE,
     "SLO-normalised load of this replica: over the last --slo-load-window seconds, the 90th "

@@ -66,6 +66,7 @@ class Instrumentation(Hooks):
 
     # --- hooks the relay calls -----------------------------------------------------------------
     def started(self, ex: Exchange) -> dict[str, str]:
+        self.metrics.slo_load.arrived()
         model = ex.model if isinstance(ex.model, str) and ex.model else "unknown"
         if not self.tracer.recording:
             ex.span = self.tracer.start(ex.headers, ex.operation, model, 0, {})

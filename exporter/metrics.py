@@ -108,6 +108,18 @@ class SloLoad:
         self._clock = clock
         self._ratios: dict[str, deque[tuple[float, float]]] = {
             slo: deque(maxlen=self.MAX_SAMPLES) for slo in ("ttft", "tpot")}
+        self._arrivals: deque[float] = deque(maxlen=self.MAX_SAMPLES * 4)
+
+    def arrived(self) -> None:
+        """A measured request arrived (for the capacity load: arrivals, not completions,
+        so a replica pushed past capacity reads above 1 instead of at its ceiling)."""
+        self._arrivals.append(self._clock())
+
+    def arrival_rate(self) -> float:
+        since = self._clock() - self.window
+        while self._arrivals and self._arrivals[0] < since:
+            self._arrivals.popleft()
+        return sum(1 for t in list(self._arrivals) if t >= since) / self.window
 
     def observe(self, slo: str, ratio: float) -> None:
         samples = self._ratios.get(slo)
@@ -129,15 +141,21 @@ class SloLoad:
 class _StateCollector(Collector):
     """In-flight and queued, read from the proxy's live state at scrape time."""
 
-    def __init__(self, state: ProxyState, load: SloLoad | None = None) -> None:
+    def __init__(self, state: ProxyState, load: SloLoad | None = None,
+                 capacity: float = 0.0) -> None:
         self._state = state
         self._load = load
+        self._capacity = capacity
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(c.IN_FLIGHT.name, c.IN_FLIGHT.help, value=self._state.in_flight)
         yield GaugeMetricFamily(c.QUEUED.name, c.QUEUED.help, value=self._state.queued)
         if self._load is not None:
             yield GaugeMetricFamily(c.SLO_LOAD.name, c.SLO_LOAD.help, value=self._load.value())
+            if self._capacity:
+                yield GaugeMetricFamily(c.CAPACITY.name, c.CAPACITY.help, value=self._capacity)
+                yield GaugeMetricFamily(c.CAPACITY_LOAD.name, c.CAPACITY_LOAD.help,
+                                        value=self._load.arrival_rate() / self._capacity)
 
 
 class SidecarMetrics:
@@ -191,7 +209,7 @@ class SidecarMetrics:
         self.build = Info(c.BUILD_INFO.name, c.BUILD_INFO.help, registry=registry)
         self.build.info({"version": __version__, c.ENGINE: state.engine})
         self.slo_load = SloLoad(settings.slo_load_window)
-        registry.register(_StateCollector(state, self.slo_load))
+        registry.register(_StateCollector(state, self.slo_load, settings.capacity_rps))
         for t in ("upstream_connect", "upstream_timeout", "upstream_protocol",
                   "client_disconnect", "client_timeout", "queue_full", "instrumentation"):
             self.errors.labels(t)  # exported at 0 from the start, so rate() works at once

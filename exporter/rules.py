@@ -59,6 +59,8 @@ RECORDING: dict[str, str] = {
     "goodput_rate": "llm_exporter:goodput_requests:rate5m",  # good requests/s
     "goodput_attainment": "llm_exporter:goodput_attainment:ratio_rate5m",  # good / judged
     "goodput_tokens_rate": "llm_exporter:goodput_output_tokens:rate5m",
+    # No model label: replicas the current load needs at the calibrated per-replica capacity.
+    "desired_replicas": "llm_exporter:capacity_desired_replicas",
     "slo_objective": SLO_OBJECTIVE,
     "slo_error_budget_remaining": SLO_BUDGET_REMAINING,
 }
@@ -316,6 +318,8 @@ def _dashboard_rules(cfg: SloConfig) -> list[dict[str, Any]]:
         {"record": RECORDING["goodput_attainment"],
          "expr": (f"sum by ({c.MODEL}) (rate({gp}{{SEL_GOOD}}[{w}]))\n/\n"
                   f"sum by ({c.MODEL}) (rate({gp}{{SEL_JUDGED}}[{w}]))\n")},
+        {"record": RECORDING["desired_replicas"],
+         "expr": f"ceil(sum({c.CAPACITY_LOAD.exposed}{{SEL}}))\n"},
         {"record": RECORDING["goodput_tokens_rate"],
          "expr": f"sum by ({c.MODEL}) (rate({c.GOODPUT_OUTPUT_TOKENS.exposed}{{SEL}}[{w}]))\n"},
     ]

@@ -123,6 +123,10 @@ class Settings:
     gpu: bool = _opt(True, "Collect GPU figures through NVML.")
     saturation_queue_threshold: float = _opt(5.0, "Queued requests that count as saturated.")
     saturation_kv_threshold: float = _opt(0.8, "KV-cache usage that counts as saturated.")
+    capacity_rps: float = _opt(0.0, "Requests/s one replica carries within its objectives "
+                               "(the capacity `llm-exporter calibrate` reports): exports "
+                               "llm_exporter_capacity_load_ratio for autoscalers. 0: off.",
+                               metavar="RPS")
     slo_load_window: float = _opt(30.0, "Seconds of recent requests llm_exporter_slo_load_ratio "
                                   "reads (p90 of TTFT and TPOT over their objectives).",
                                   metavar="SECONDS")
@@ -148,7 +152,8 @@ class Settings:
             raise SettingsError("--max-models must be at least 1")
         for name in ("connect_timeout", "upstream_timeout", "client_header_timeout",
                      "slo_ttft", "slo_tpot", "slo_e2e", "gpu_hourly_cost",
-                     "replica_hourly_cost", "engine_span_wait", "slo_load_window"):
+                     "replica_hourly_cost", "engine_span_wait", "slo_load_window",
+                     "capacity_rps"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"--{name.replace('_', '-')} must not be negative")
         if self.upstream and not self.upstream.startswith(("http://", "https://")):

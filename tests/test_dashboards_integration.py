@@ -182,7 +182,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             [py, "-m", "exporter", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
              "--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1",
              "--metrics-port", str(metrics_port), "--slo", str(ROOT / rules.DEFAULT_SLO),
-             "--engine-pid", str(upstream.pid), "--max-concurrency", "4",
+             "--engine-pid", str(upstream.pid), "--max-concurrency", "4", "--capacity-rps", "5",
              "--gpu-hourly-cost", "2.5", "--replica-hourly-cost", "0.5",
              "--log-level", "warning"],
             cwd=ROOT, stdout=(tmp / "sidecar.log").open("wb"), stderr=subprocess.STDOUT)

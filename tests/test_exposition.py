@@ -50,6 +50,8 @@ SIDECAR_NAMES = {
     "llm_exporter_requests_in_flight",
     "llm_exporter_requests_queued",
     "llm_exporter_slo_load_ratio",
+    "llm_exporter_capacity_requests_per_second",
+    "llm_exporter_capacity_load_ratio",
     "llm_exporter_slo_threshold_seconds",
     "llm_exporter_build_info",
 }
@@ -67,8 +69,13 @@ def test_catalogue_sidecar_names_are_the_contract() -> None:
 
 def test_registry_exports_exactly_the_catalogue() -> None:
     registry = CollectorRegistry()
-    SidecarMetrics(registry, Settings(upstream="http://x"), ProxyState(), FlagSlos(ttft=0.5))
+    SidecarMetrics(registry, Settings(upstream="http://x", capacity_rps=2.0), ProxyState(),
+                   FlagSlos(ttft=0.5))
     assert {m.name for m in registry.collect()} == {m.name for m in c.SIDECAR}
+    bare = CollectorRegistry()  # without a calibrated capacity: no capacity series
+    SidecarMetrics(bare, Settings(upstream="http://x"), ProxyState(), FlagSlos(ttft=0.5))
+    assert {m.name for m in c.SIDECAR} - {m.name for m in bare.collect()} == {
+        c.CAPACITY.name, c.CAPACITY_LOAD.name}
     for fam in registry.collect():
         spec = c.by_name(fam.name)
         for sample in fam.samples:

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.harness import running_sidecar
 from tests.upstream import Script, SyntheticUpstream
@@ -93,3 +94,19 @@ async def test_slo_load_crosses_one_when_requests_miss_their_objective() -> None
         for _ in range(5):
             await go(0.15)
         assert 1.4 < sc.value("llm_exporter_slo_load_ratio") < 2.0  # TTFT ~0.15 / 0.1
+
+
+async def test_capacity_load_is_arrivals_over_the_calibrated_capacity() -> None:
+    async with SyntheticUpstream() as up, running_sidecar(up.url, capacity_rps=10,
+                                                          slo_load_window=2) as sc, \
+            aiohttp.ClientSession() as s:
+        assert sc.value("llm_exporter_capacity_requests_per_second") == 10
+        for _ in range(6):
+            async with s.post(sc.url + CHAT, json=BODY,
+                              headers=Script(ttft=0, itl=0, tokens=1).header()) as r:
+                await r.read()
+            async with s.get(sc.url + "/v1/models") as r:  # unmatched: not demand
+                await r.read()
+        assert sc.value("llm_exporter_capacity_load_ratio") == pytest.approx(6 / 2 / 10)
+        await asyncio.sleep(2.1)  # the window moves on
+        assert sc.value("llm_exporter_capacity_load_ratio") == 0

@@ -383,9 +383,10 @@ def test_hpa_scales_on_a_catalogue_metric_served_by_prometheus_adapter(
     assert name in served
 
 
-@pytest.mark.parametrize("metric", ["saturation", "sidecarQueue", "engineQueue"])
+@pytest.mark.parametrize("metric", ["saturation", "sidecarQueue", "engineQueue", "capacity"])
 def test_every_autoscaling_metric_is_served_by_the_adapter(chart: Any, metric: str) -> None:
-    objs = render(chart, {"autoscaling": {"enabled": True, "metric": metric, "target": 0.8}})
+    objs = render(chart, {"autoscaling": {"enabled": True, "metric": metric, "target": 0.8},
+                          "sidecar": {"capacity": {"requestsPerSecond": 2.5}}})
     name = one(objs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert one(objs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["target"][
         "averageValue"] == "800m"
@@ -407,6 +408,32 @@ def test_scaled_object_queries_saturation_of_this_release(
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
     assert so["spec"]["scaleTargetRef"]["name"] == \
         one(rendered["keda"], "Deployment")["metadata"]["name"]
+
+
+def test_calibrate_values_file_is_taken_as_is(chart: Any, tmp_path: Path) -> None:
+    """What `llm-exporter calibrate` writes (exporter.calibrate.chart_values) renders as is:
+    the sidecar gets the capacity and thresholds, the HPA scales on the capacity load."""
+    from exporter import calibrate
+
+    step = calibrate.Step("concurrency", 4, 10.0, [calibrate.Result(True, 0.1, 0.5, [], 8)] * 25)
+    step.samples = {"engine_waiting": [1.5, 2.5], "kv_usage": [0.6, 0.72]}
+    step.counters = {"good": 25, "bad": 0}
+    values = {**calibrate.chart_values(step, 0.95, 0.8)}
+    values["autoscaling"] = {**values["autoscaling"], "enabled": True}
+    assert values["sidecar"]["capacity"]["requestsPerSecond"] == 2.5
+    objs = render(chart, values)
+    env = env_of(sidecar_of(objs))
+    assert env["LLM_EXPORTER_CAPACITY_RPS"] == "2.5"
+    assert float(env["LLM_EXPORTER_SATURATION_QUEUE_THRESHOLD"]) == 2.0  # engine queue mean
+    assert env["LLM_EXPORTER_SATURATION_KV_THRESHOLD"] == "0.72"
+    hpa = one(objs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]
+    assert hpa["metric"]["name"] == catalogue.CAPACITY_LOAD.exposed
+    assert hpa["target"]["averageValue"] == "800m"
+
+
+def test_capacity_scaling_without_a_capacity_fails_with_the_fix(chart: Any) -> None:
+    with pytest.raises(Exception, match="sidecar.capacity.requestsPerSecond"):
+        render(chart, {"autoscaling": {"enabled": True, "metric": "capacity"}})
 
 
 def chart_text_files() -> list[Path]:

@@ -69,6 +69,7 @@ PHASE_SOURCE = catalogue.PHASE_SOURCE.name + "_total"
 TTFT = catalogue.TTFT.name
 E2E = catalogue.REQUEST_DURATION.name
 INPUTS = catalogue.REQUEST_INPUTS.name
+PHASES = ("engine_queue", "prefill", "decode")  # from vLLM's span, for every request
 VLLM_PROMPT = "vllm:prompt_tokens_total"
 VLLM_GENERATED = "vllm:generation_tokens_total"
 
@@ -166,6 +167,7 @@ class Reply:
     body: Any = None  # the JSON body (not streamed)
     events: list[tuple[str, Any]] = field(default_factory=list)  # (event name, data) streamed
     ttft: float | None = None  # before connecting -> the first event carrying text
+    sent: float = 0.0  # before connecting -> the request written
     head: float = 0.0  # before connecting -> the response head read
     e2e: float = 0.0  # before connecting -> the last byte read
 
@@ -184,12 +186,13 @@ def post(base: str, path: str, body: dict[str, Any], text_event: str | None = No
     conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=60)
     try:
         conn.request("POST", path, body=data, headers=hdrs)
+        sent = time.monotonic() - t0
         r = conn.getresponse()
         head = time.monotonic() - t0
         if text_event is None or r.status != 200:
-            return Reply(r.status, json.loads(r.read()), head=head,
+            return Reply(r.status, json.loads(r.read()), sent=sent, head=head,
                          e2e=time.monotonic() - t0)
-        reply = Reply(r.status, head=head)
+        reply = Reply(r.status, sent=sent, head=head)
         name = ""
         while line := r.readline():
             line = line.rstrip(b"\r\n")
@@ -342,8 +345,9 @@ class TestGeneration:
                 side_ttft += ttft_s
                 rows.append(f"  stream {i}: client TTFT {r.ttft * 1e3:8.3f} ms, sidecar "
                             f"{ttft_s * 1e3:8.3f} ms, diff {(r.ttft - ttft_s) * 1e3:+.3f} ms; "
-                            f"e2e diff {(r.e2e - e2e_s) * 1e3:+.3f} ms; client head "
-                            f"{r.head * 1e3:.1f} ms; tokens in {tin} out {tout}")
+                            f"e2e diff {(r.e2e - e2e_s) * 1e3:+.3f} ms; client sent "
+                            f"{r.sent * 1e3:.2f} head {r.head * 1e3:.1f} ms; "
+                            f"tokens in {tin} out {tout}")
                 # The sidecar's interval lies inside the client's.
                 assert 0 <= ttft_s <= r.ttft, rows
             else:
@@ -373,7 +377,7 @@ class TestGeneration:
         assert side_in == vllm_in == usage_in
         assert d(side0, side, PHASE_SOURCE, source="engine_span") == 3 * n
         assert d(side0, side, PHASE_SOURCE) == 3 * n
-        for phase in ("engine_queue", "prefill", "decode"):
+        for phase in PHASES:
             assert d(side0, side, PHASE_SOURCE, phase=phase, source="engine_span") == n, phase
         assert 0 <= hop <= TTFT_HOP_PER_REQUEST, rows
 
@@ -395,12 +399,12 @@ def rerank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         yield s
 
 
-def pooling_round(stack: dict[str, str], calls: list[tuple[str, str, dict[str, Any], int]]
+def pooling_round(stack: dict[str, str], calls: list[tuple[str, str, dict[str, Any]]]
                   ) -> dict[str, Any]:
-    """Send ``(api, path, body, inputs)`` one after another; returns the figures."""
+    """Send ``(api, path, body)`` one after another; returns the figures, diffed."""
     side0, vllm0 = samples(stack["metrics"]), samples(stack["vllm_metrics"])
     usage = 0
-    for _, path, body, _ in calls:
+    for _, path, body in calls:
         r = post(stack["proxy"], path, body)
         assert r.status == 200, r.body
         usage += r.body["usage"]["prompt_tokens"]
@@ -423,12 +427,13 @@ def pooling_round(stack: dict[str, str], calls: list[tuple[str, str, dict[str, A
         "side_out": d(side0, side, OUTPUT_TOKENS),
         "vllm_in": d(vllm0, vllm1, VLLM_PROMPT),
         "requests": {api: d(side0, side, REQUESTS, api=api, operation="embeddings",
-                            status_class="2xx", model="tiny") for api, *_ in calls},
+                            status_class="2xx", model="tiny") for api, _, _ in calls},
         "all_requests": d(side0, side, REQUESTS),
         "inputs_sum": d(side0, side, INPUTS + "_sum", model="tiny", operation="embeddings"),
         "inputs_count": d(side0, side, INPUTS + "_count", model="tiny", operation="embeddings"),
-        "phase_sources": {(labels["phase"], labels["source"]): v - total(
-            side0, PHASE_SOURCE, **labels) for n, labels, v in side if n == PHASE_SOURCE},
+        "phase_sources": {(labels["phase"], labels["source"]): delta for n, labels, v in side
+                          if n == PHASE_SOURCE
+                          and (delta := v - total(side0, PHASE_SOURCE, **labels))},
         "record_wait_s": round(waited, 2),
     }
     print(f"\n{[c[0] for c in calls]}: {figures}")
@@ -443,31 +448,28 @@ class TestEmbeddings:
     def test_embeddings(self, embed: dict[str, str]) -> None:
         inputs = ["the quick brown fox", "hello world", "a small language model answered"]
         f = pooling_round(embed, [
-            ("openai_embeddings", "/v1/embeddings", {"model": "tiny", "input": inputs}, 3),
-            ("openai_embeddings", "/v1/embeddings", {"model": "tiny", "input": ["hello"]}, 1),
+            ("openai_embeddings", "/v1/embeddings", {"model": "tiny", "input": inputs}),
+            ("openai_embeddings", "/v1/embeddings", {"model": "tiny", "input": ["hello"]}),
         ])
         assert f["requests"] == {"openai_embeddings": 2}
         assert f["all_requests"] == 2
+        assert f["side_out"] == 0
+        assert f["phase_sources"] == {(p, "engine_span"): 2 for p in PHASES}
         assert f["side_in"] == f["usage"] == f["vllm_in"]
         assert f["inputs_sum"] == 4 and f["inputs_count"] == 2
-        for path, body in (("/v1/rerank", {"model": "tiny", "query": "q", "documents": DOCS}),
-                           ("/v1/score", {"model": "tiny", "text_1": "q", "text_2": DOCS})):
-            try:
-                pr = post(embed["vllm"], path, body)
-                print("PROBE", path, pr.status, pr.body)
-            except Exception as e:  # noqa: BLE001
-                print("PROBE", path, repr(e))
 
 
 class TestRerank:
     def test_rerank_and_score(self, rerank: dict[str, str]) -> None:
         f = pooling_round(rerank, [
             ("rerank", "/v1/rerank",
-             {"model": "tiny", "query": "what measures latency?", "documents": DOCS}, 3),
+             {"model": "tiny", "query": "what measures latency?", "documents": DOCS}),
             ("score", "/v1/score",
-             {"model": "tiny", "text_1": "what measures latency?", "text_2": DOCS[:2]}, 2),
+             {"model": "tiny", "text_1": "what measures latency?", "text_2": DOCS[:2]}),
         ])
         assert f["requests"] == {"rerank": 1, "score": 1}
         assert f["all_requests"] == 2
+        assert f["side_out"] == 0
+        assert f["phase_sources"] == {(p, "engine_span"): 2 for p in PHASES}
         assert f["side_in"] == f["usage"] == f["vllm_in"]
         assert f["inputs_sum"] == 5 and f["inputs_count"] == 2

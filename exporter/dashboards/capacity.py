@@ -37,6 +37,16 @@ def build() -> dict[str, Any]:
                    "--slo-load-window: 1 = recent requests sit at their objectives.", "x",
                    Q(pq.gauge(c.SLO_LOAD, agg="max", by=by_pod), POD),
                    Q("vector(1)", "objective", dashed=True)),
+        timeseries("Replicas the load needs (advisory)", "Sum over replicas of arrivals over "
+                   "the calibrated capacity (llm_exporter_capacity_load_ratio; the recording "
+                   "rule llm_exporter:capacity_desired_replicas rounds it up), next to the "
+                   "replicas reporting: what an autoscaler on autoscaling.metric=capacity would "
+                   "ask for at target 1 (the chart's target adds headroom).", "short",
+                   Q(f"sum({c.CAPACITY_LOAD.exposed}{pq.matchers(None)})", "needed"),
+                   Q(f"count({c.IN_FLIGHT.exposed}{pq.matchers(None)})", "reporting")),
+        stat("Calibrated capacity", "Requests/s one replica carries within its objectives "
+             "(llm-exporter calibrate; the sidecars' --capacity-rps).", "reqps",
+             Q(pq.gauge(c.CAPACITY, agg="max"), "capacity"), h=8),
         timeseries("Replicas", "Sidecars reporting, scrape targets up, and the Deployment's "
                    "desired and available replicas (kube-state-metrics).", "short",
                    Q(f"count({c.IN_FLIGHT.exposed}{pq.matchers(None)})", "reporting"),

@@ -72,7 +72,10 @@ Metric names used by the autoscalers. They must exist in exporter/catalogue.py (
 be served by the prometheus-adapter rules in deploy/prometheus-adapter/values.yaml.
 */}}
 {{- define "llm-exporter.autoscalingMetric" -}}
-{{- $names := dict "saturation" "llm_exporter_saturation_ratio" "sidecarQueue" "llm_exporter_requests_queued" "engineQueue" "llm_exporter_engine_requests_waiting" }}
+{{- if and (eq .Values.autoscaling.metric "capacity") (not .Values.sidecar.capacity.requestsPerSecond) }}
+{{- fail "autoscaling.metric=capacity needs sidecar.capacity.requestsPerSecond: run llm-exporter calibrate and pass its values.yaml (-f DIR/values.yaml)" }}
+{{- end }}
+{{- $names := dict "saturation" "llm_exporter_saturation_ratio" "sidecarQueue" "llm_exporter_requests_queued" "engineQueue" "llm_exporter_engine_requests_waiting" "capacity" "llm_exporter_capacity_load_ratio" }}
 {{- get $names .Values.autoscaling.metric }}
 {{- end }}
 
@@ -335,6 +338,10 @@ env:
     value: {{ $s.saturation.queueThreshold | quote }}
   - name: LLM_EXPORTER_SATURATION_KV_THRESHOLD
     value: {{ $s.saturation.kvThreshold | quote }}
+  {{- if $s.capacity.requestsPerSecond }}
+  - name: LLM_EXPORTER_CAPACITY_RPS
+    value: {{ $s.capacity.requestsPerSecond | quote }}
+  {{- end }}
   - name: LLM_EXPORTER_GPU_HOURLY_COST
     value: {{ $s.gpuHourlyCost | quote }}
   - name: LLM_EXPORTER_REPLICA_HOURLY_COST
