@@ -252,3 +252,27 @@ async def test_sixteen_first_streams_through_the_sidecar_all_count_exact_input_t
         assert sc.value(src, {"token_type": "input", "source": "usage"}) == 15
         assert sc.value(src, {"token_type": "input", "source": "engine"}) == 1  # the probe
         assert sc.value("llm_exporter_input_tokens_total", {"model": "tiny"}) == 16 * want
+
+
+async def test_ignore_eos_generates_max_tokens(loaded: model_mod.LoadedModel) -> None:
+    """vLLM's ``ignore_eos``: with every token a stop token, a request ends at once unless it
+    asks to ignore them (calibrate's fixed-length runs)."""
+    stops = frozenset(range(len(loaded.tokenizer)))
+    sched = Scheduler(loaded.model, loaded.tokenizer, stops, loaded.device, 4, 8)
+    sched.start()
+    server = TestServer(build_app(sched, "tiny", 2048, "cpu"), host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with aiohttp.ClientSession() as s:
+            got = []
+            for extra in ({}, {"ignore_eos": True}):
+                r = await s.post(url + "/v1/completions", json={
+                    "prompt": "the quick brown fox", "max_tokens": 9, "temperature": 0, **extra})
+                got.append((await r.json())["usage"]["completion_tokens"])
+            r = await s.post(url + "/v1/completions", json={"prompt": "x", "ignore_eos": "yes"})
+            assert r.status == 400 and "ignore_eos" in (await r.json())["error"]["message"]
+        assert got[0] <= 1 and got[1] == 9
+    finally:
+        await server.close()
+        sched.stop()
