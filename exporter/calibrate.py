@@ -441,6 +441,10 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
     return "\n".join(lines)
 
 
+# One figure: (file, title, panels); a panel: (y label, lines); a line: (label, values, style).
+Line = tuple[str, list[float], str]
+
+
 def _plot(steps: Sequence[Step], cap: Step | None, label: str, out: Path
           ) -> list[tuple[str, str]]:
     import matplotlib
@@ -449,69 +453,51 @@ def _plot(steps: Sequence[Step], cap: Step | None, label: str, out: Path
     import matplotlib.pyplot as plt
 
     x = [s.load for s in steps]
-    made = []
+    mib = 2.0 ** -20
 
-    def knee(ax: Any) -> None:
-        if cap is not None:
-            ax.axvline(cap.load, color="grey", linestyle="--", label="capacity")
+    def known(values: list[float]) -> bool:
+        return any(not math.isnan(v) for v in values)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for q, style in ((.5, "-"), (.9, "--"), (.99, ":")):
-        a1.plot(x, [s.pct("ttft", q) * 1000 for s in steps], style, marker="o",
-                label=f"TTFT p{q * 100:g}")
-        a2.plot(x, [s.pct("tpot", q) * 1000 for s in steps], style, marker="o",
-                label=f"TPOT p{q * 100:g}")
-    for ax, what in ((a1, "TTFT (ms)"), (a2, "TPOT (ms)")):
-        knee(ax)
-        ax.set_xlabel(label)
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Latency percentiles vs load")
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=100)
-    plt.close(fig)
-    made.append(("latency.png", "Latency percentiles vs load"))
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(x, [s.tps for s in steps], marker="o", label="output tokens/s")
-    a1.plot(x, [s.goodput_tps for s in steps], marker="o", label="good output tokens/s")
-    a2.plot(x, [s.attainment for s in steps], marker="o", label="attainment")
-    for ax, what in ((a1, "tokens/s"), (a2, "share of requests good")):
-        knee(ax)
-        ax.set_xlabel(label)
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Throughput and goodput vs load")
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=100)
-    plt.close(fig)
-    made.append(("throughput.png", "Throughput and goodput vs load"))
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    a1.plot(x, [s.peak("engine_rss") / 2**20 for s in steps], marker="o", label="RSS peak")
-    a1.plot(x, [s.mean("engine_rss") / 2**20 for s in steps], marker="o", label="RSS mean")
-    if any(not math.isnan(s.peak("gpu_memory")) for s in steps):
-        a1.plot(x, [s.peak("gpu_memory") / 2**20 for s in steps], marker="o",
-                label="GPU memory peak")
-    a2.plot(x, [s.mean("engine_waiting") for s in steps], marker="o", label="engine queue")
-    a2.plot(x, [s.peak("kv_usage") for s in steps], marker="o", label="KV usage (peak)")
-    if any(not math.isnan(s.mean("gpu_util")) for s in steps):
-        a2.plot(x, [s.mean("gpu_util") for s in steps], marker="o", label="GPU utilisation")
-        a2.plot(x, [s.mean("sm_active") for s in steps], marker="o", label="SM active")
-    for ax, what in ((a1, "MiB"), (a2, "requests / ratio")):
-        knee(ax)
-        ax.set_xlabel(label)
-        ax.set_ylabel(what)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Engine memory, queue and GPU vs load")
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=100)
-    plt.close(fig)
-    made.append(("memory.png", "Engine memory, queue and GPU vs load"))
-    return made
+    latency: list[tuple[str, list[Line]]] = [
+        (f"{what.upper()} (ms)", [(f"{what.upper()} p{q * 100:g}",
+                                   [s.pct(what, q) * 1000 for s in steps], style)
+                                  for q, style in ((.5, "-"), (.9, "--"), (.99, ":"))])
+        for what in ("ttft", "tpot")]
+    gpu_mem = [s.peak("gpu_memory") * mib for s in steps]
+    util = [s.mean("gpu_util") for s in steps]
+    figures: list[tuple[str, str, list[tuple[str, list[Line]]]]] = [
+        ("latency.png", "Latency percentiles vs load", latency),
+        ("throughput.png", "Throughput and goodput vs load", [
+            ("tokens/s", [("output tokens/s", [s.tps for s in steps], "-"),
+                          ("good output tokens/s", [s.goodput_tps for s in steps], "-")]),
+            ("share of requests good", [("attainment", [s.attainment for s in steps], "-")])]),
+        ("memory.png", "Engine memory, queue and GPU vs load", [
+            ("MiB", [("RSS peak", [s.peak("engine_rss") * mib for s in steps], "-"),
+                     ("RSS mean", [s.mean("engine_rss") * mib for s in steps], "-"),
+                     *([("GPU memory peak", gpu_mem, "-")] if known(gpu_mem) else [])]),
+            ("requests / ratio", [
+                ("engine queue", [s.mean("engine_waiting") for s in steps], "-"),
+                ("KV usage (peak)", [s.peak("kv_usage") for s in steps], "-"),
+                *([("GPU utilisation", util, "-"),
+                   ("SM active", [s.mean("sm_active") for s in steps], "-")]
+                  if known(util) else [])])]),
+    ]
+    for name, title, panels in figures:
+        fig, axes = plt.subplots(1, len(panels), figsize=(11, 4))
+        for ax, (ylabel, lines) in zip(axes, panels, strict=True):
+            for line_label, values, style in lines:
+                ax.plot(x, values, style, marker="o", label=line_label)
+            if cap is not None:
+                ax.axvline(cap.load, color="grey", linestyle="--", label="capacity")
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+    return [(name, title) for name, title, _ in figures]
 
 
 def write_values(values: dict[str, Any], about: dict[str, str], out: Path) -> None:
