@@ -188,6 +188,11 @@ class Step:
         return percentile(vals, q)
 
     @property
+    def sent_rps(self) -> float:
+        """Requests started per second of the window (open loop: the rate actually sent)."""
+        return len(self.results) / self.window
+
+    @property
     def rps(self) -> float:
         return len(self.ok()) / self.window
 
@@ -334,9 +339,16 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
         for _ in range(int(load)):
             tasks.add(asyncio.create_task(closed_client()))
     else:
-        while (now := time.perf_counter()) < end:
+        # Arrival times drawn ahead and kept to (absolute deadlines): a client that falls
+        # behind sends the late ones at once instead of slipping the whole schedule, and the
+        # report shows the rate actually sent next to the rate offered.
+        at = t0 + rng.expovariate(load)
+        while at < end:
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
             tasks.add(asyncio.create_task(one()))
-            await asyncio.sleep(min(rng.expovariate(load), max(0.0, end - now)))
+            at += rng.expovariate(load)
     _, pending = await asyncio.wait(tasks, timeout=window + DRAIN_SECONDS) if tasks \
         else (set(), set())
     for t in pending:
@@ -409,16 +421,18 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
     else:
         lines += ["**Capacity: not found** — attainment was below the target at the lowest "
                   "load: lower the load or relax the objectives.", ""]
-    lines += [f"| {label} | requests (failed) | req/s | out tok/s | TTFT p50 / p90 / p99 ms | "
-              "TPOT p50 / p90 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 s | attainment | "
+    lines += [f"| {label} | requests (failed) | sent req/s | req/s | out tok/s | "
+              "TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | ITL p50 / p99 ms | "
+              "e2e p50 / p99 s | attainment | "
               "goodput req/s | good tok/s | engine queue | KV | engine RSS peak / mean MiB | "
               "GPU mem MiB | GPU util | SM active | J / token | $ / 1M tokens |",
-              "|" + "---:|" * 19]
+              "|" + "---:|" * 20]
     for s in steps:
         ms = 1000.0
         mark = " ◀" if s is cap else ""
         lines.append(
-            f"| {s.load:g}{mark} | {len(s.results)} ({s.failed}) | {s.rps:.3g} | {s.tps:.3g} | "
+            f"| {s.load:g}{mark} | {len(s.results)} ({s.failed}) | {s.sent_rps:.3g} | "
+            f"{s.rps:.3g} | {s.tps:.3g} | "
             f"{_f(s.pct('ttft', .5), scale=ms)} / {_f(s.pct('ttft', .9), scale=ms)} / "
             f"{_f(s.pct('ttft', .99), scale=ms)} | {_f(s.pct('tpot', .5), scale=ms)} / "
             f"{_f(s.pct('tpot', .9), scale=ms)} / {_f(s.pct('tpot', .99), scale=ms)} | "
@@ -431,6 +445,11 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
             f"{_f(s.peak('gpu_memory'), scale=2**-20)} | {_f(s.mean('gpu_util'), '.0%')} | "
             f"{_f(s.mean('sm_active'), '.0%')} | {_f(s.joules_per_token, '.3g')} | "
             f"{_f(s.cost_per_million(hourly), '.3g')} |")
+    if steps and steps[0].mode == "rate" and any(s.sent_rps < 0.9 * s.load for s in steps):
+        lines += ["", "**Note**: at some steps fewer requests were sent than offered (sent req/s "
+                  "below the offered rate): the load generator fell behind (a busy machine, or "
+                  "too many requests in flight for one client process). Those steps measure "
+                  "less load than their label."]
     lines += ["", "Latency figures are the client's (request sent to first / each content "
               "token); attainment and goodput are the sidecar's own verdicts against the "
               "objectives; engine and GPU figures are the sidecar's /metrics sampled every "

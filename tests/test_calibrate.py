@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from pathlib import Path
 
 import aiohttp
@@ -110,3 +111,25 @@ def test_bad_prompt_files_are_refused_with_the_line(tmp_path: Path) -> None:
     good.write_text('{"prompt": "hi", "max_tokens": 4}\n'
                     '{"messages": [{"role": "user", "content": "x"}]}\n')
     assert [p.max_tokens for p in calibrate.from_jsonl(good, 16)] == [4, 16]
+
+
+async def test_open_loop_arrivals_keep_their_schedule_and_report_what_was_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Poisson arrivals are kept to absolute times: the rate sent matches the rate offered
+    (a client that falls behind catches up instead of slipping the schedule)."""
+    import random
+
+    sent: list[float] = []
+
+    async def fake_request(*args: object) -> calibrate.Result:
+        sent.append(asyncio.get_running_loop().time())
+        time.sleep(0.002)  # a busy client: each arrival holds the loop 2 ms (the mean gap is 5)
+        await asyncio.sleep(0.05)  # each request takes 50 ms
+        return calibrate.Result(True, 0.01, 0.05, [], 1)
+
+    monkeypatch.setattr(calibrate, "request", fake_request)
+    monkeypatch.setattr(calibrate, "scrape", lambda url: {})
+    step = await calibrate.run_step(None, "http://x", "http://x/metrics", "m", "rate", 200.0,
+                                    2.0, calibrate.synthetic(4, 4, 4, 0, 1), random.Random(3))
+    assert 340 < len(sent) < 460  # ~400 arrivals in 2 s at 200/s
+    assert step.sent_rps == len(sent) / 2.0
