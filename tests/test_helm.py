@@ -432,7 +432,7 @@ def test_calibrate_values_file_is_taken_as_is(chart: Any, tmp_path: Path) -> Non
 
 
 def test_capacity_scaling_without_a_capacity_fails_with_the_fix(chart: Any) -> None:
-    with pytest.raises(Exception, match="sidecar.capacity.requestsPerSecond"):
+    with pytest.raises(Exception, match=r"sidecar\.capacity\.requestsPerSecond"):
         render(chart, {"autoscaling": {"enabled": True, "metric": "capacity"}})
 
 
