@@ -194,8 +194,10 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, host: str, port: int,
                  ready: Callable[[], tuple[bool, str]],
                  before_scrape: Callable[[], None] = lambda: None,
-                 head_timeout: float = 30.0) -> None:
+                 head_timeout: float = 30.0,
+                 on_head_timeout: Callable[[], None] = lambda: None) -> None:
         self._exposed = WithoutCreated(registry)
+        self._on_head_timeout = on_head_timeout
         self._host, self._port = host, port
         self._ready, self._before_scrape = ready, before_scrape
         self._head_timeout = head_timeout
@@ -235,8 +237,8 @@ class MetricsServer:
 
     async def _open(self) -> None:
         server = _Server(self._handle, clock=time.monotonic, head_timeout=self._head_timeout,
-                         access_log=None, logger=QuietHttpLog(logging.getLogger(
-                             "exporter.metrics_http")))
+                         on_head_timeout=self._on_head_timeout, access_log=None,
+                         logger=QuietHttpLog(logging.getLogger("exporter.metrics_http")))
         runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         try:
@@ -385,7 +387,8 @@ class Sidecar:
         self._metrics_server = MetricsServer(
             self.registry, s.metrics_host, s.metrics_port, self.ready,
             before_scrape=lambda: self.instrumentation.flush_from_thread(loop),
-            head_timeout=s.client_header_timeout)
+            head_timeout=s.client_header_timeout,
+            on_head_timeout=lambda: self.metrics.error("client_timeout"))
         try:
             self._metrics_server.start()
         except OSError as e:

@@ -503,6 +503,23 @@ async def test_a_client_slow_over_its_headers_is_closed() -> None:
     assert [x.path for x in up.seen] == ["/ok"]
 
 
+async def test_a_client_slow_over_its_headers_on_the_metrics_port_is_closed_and_counted(
+        ) -> None:
+    async with raw_upstream() as up, running_sidecar(up.url, client_header_timeout=0.3) as sc:
+        host, port = sc.metrics_url.removeprefix("http://").split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        await writer.drain()
+        try:
+            rest = await asyncio.wait_for(reader.read(), timeout=2)
+        except ConnectionError:
+            rest = b""
+        writer.close()
+        assert rest == b""
+        assert sc.value("llm_exporter_errors_total", {"type": "client_timeout"}) == 1
+    assert up.seen == []
+
+
 def test_idle_connections_to_the_metrics_port_cost_no_threads() -> None:
     import threading
     import urllib.request
