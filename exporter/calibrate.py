@@ -17,9 +17,12 @@ upstream is given. Then:
    engine's queue and KV usage, the engine process's memory (RSS; GPU memory when NVML sees a
    GPU), GPU utilisation and SM activity, energy per output token, cost per million output
    tokens at ``--gpu-hourly-cost`` / ``--replica-hourly-cost``;
-4. the **capacity**: the highest load whose attainment is at or above the target (the SLO
-   file's goodput objective, else ``--attainment-target``), and from it ``DIR/values.yaml``
-   for the Helm chart (formulas in :func:`chart_values`) and ``DIR/report.md`` with its plots.
+4. the **capacity**: the highest load whose attainment (requests the sidecar judged good on
+   every objective, over the requests sent) is at or above the target (the SLO file's goodput
+   objective, else ``--attainment-target``); ``--refine`` further steps bisect the gap
+   between it and the first load above it that missed, so the capacity lands near the knee
+   rather than on the sweep's grid; from it ``DIR/values.yaml`` for the Helm chart (formulas
+   in :func:`chart_values`) and ``DIR/report.md`` with its plots.
 
 A progress bar runs on stderr; Ctrl-C stops the sweep and keeps the steps that finished.
 """
@@ -193,6 +196,14 @@ class Step:
         return len(self.results) / self.window
 
     @property
+    def behind(self) -> bool:
+        """Open loop: fewer requests sent than Poisson arrivals at the offered rate would
+        plausibly give (3 standard deviations under the expected count, and 10% under it)."""
+        expected = self.load * self.window
+        return (self.mode == "rate" and
+                len(self.results) < min(0.9 * expected, expected - 3 * math.sqrt(expected)))
+
+    @property
     def rps(self) -> float:
         return len(self.ok()) / self.window
 
@@ -207,8 +218,14 @@ class Step:
     # sidecar-side figures
     @property
     def attainment(self) -> float:
+        """Requests the sidecar judged good (succeeded, met every objective) over the requests
+        sent in the step. A request the sidecar did not judge good, for whatever reason (bad,
+        cut off at the drain, refused with a 4xx such as 429), counts against the step: the
+        live series leave client errors and cancellations out, a capacity cannot."""
         good, bad = self.counters.get("good", 0.0), self.counters.get("bad", 0.0)
-        return good / (good + bad) if good + bad else math.nan
+        if not self.results or good + bad == 0:
+            return math.nan
+        return min(1.0, good / len(self.results))
 
     # Over the window, as the client's rates: the step's requests are those that started in
     # it, and the sidecar judged each of them by the time the step's drain ended.
@@ -368,14 +385,33 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
 
 
 def capacity(steps: Sequence[Step], target: float) -> Step | None:
-    """The highest load whose attainment is at or above ``target``, in sweep order: the last
+    """The highest load whose attainment is at or above ``target``, in load order: the last
     step before attainment first falls below it (a later recovery is noise, not capacity)."""
     best = None
-    for s in steps:
+    for s in sorted(steps, key=lambda s: s.load):
         if math.isnan(s.attainment) or s.attainment < target or not s.ok():
             break
         best = s
     return best
+
+
+def next_load(steps: Sequence[Step], target: float, mode: str) -> float | None:
+    """The load that halves the gap between the capacity and the first load above it that
+    missed the target (bisection), or None when there is nothing left to narrow: no capacity,
+    no failing load above it, adjacent client counts, or rates within 5% of each other."""
+    cap = capacity(steps, target)
+    if cap is None:
+        return None
+    above = [s.load for s in steps if s.load > cap.load]
+    if not above:
+        return None
+    hi = min(above)
+    if mode == "concurrency":
+        mid = float((int(cap.load) + int(hi)) // 2)
+        return mid if mid > cap.load else None
+    if hi - cap.load <= 0.05 * hi:
+        return None
+    return round((cap.load + hi) / 2, 4)
 
 
 def chart_values(cap: Step | None, target: float, headroom: float) -> dict[str, Any]:
@@ -445,7 +481,13 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
             f"{_f(s.peak('gpu_memory'), scale=2**-20)} | {_f(s.mean('gpu_util'), '.0%')} | "
             f"{_f(s.mean('sm_active'), '.0%')} | {_f(s.joules_per_token, '.3g')} | "
             f"{_f(s.cost_per_million(hourly), '.3g')} |")
-    if steps and steps[0].mode == "rate" and any(s.sent_rps < 0.9 * s.load for s in steps):
+    few = math.ceil(2 / (1 - target)) if target < 1 else 0
+    if cap is not None and len(cap.results) < few:
+        lines += ["", f"**Note**: the capacity step holds {len(cap.results)} requests; at a "
+                  f"{target:.0%} target one bad request in {few} is the whole margin, so its "
+                  f"verdict is noise-prone. Lengthen `--window` until each step holds at least "
+                  f"{few}."]
+    if steps and steps[0].mode == "rate" and any(s.behind for s in steps):
         lines += ["", "**Note**: at some steps fewer requests were sent than offered (sent req/s "
                   "below the offered rate): the load generator fell behind (a busy machine, or "
                   "too many requests in flight for one client process). Those steps measure "
@@ -561,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Seconds each step is held (default 30).")
     s.add_argument("--warmup", type=float, default=10.0, metavar="SECONDS",
                    help="Seconds of unmeasured load first (default 10).")
+    s.add_argument("--refine", type=int, default=2, metavar="N",
+                   help="After the sweep, up to N steps that bisect the gap between the "
+                        "capacity and the first load above it that missed the target "
+                        "(default 2: a sweep of 2,4,8 req/s that fails at 8 ends within 1 "
+                        "req/s of the knee). 0: the sweep's loads only.")
     s.add_argument("--attainment-target", type=float, default=DEFAULT_TARGET,
                    help="Share of good requests a step must keep to be within capacity, when "
                         "the SLO file has no goodput objective (default 0.95).")
@@ -623,6 +670,9 @@ def cli_main(argv: Sequence[str]) -> int:
     mode = "rate" if args.rate else "concurrency"
     loads = _floats(args.rate, "--rate") if args.rate else _floats(
         args.concurrency or "1,2,4,8", "--concurrency")
+    if args.window <= 0 or args.warmup < 0 or args.refine < 0:
+        raise SystemExit("llm-exporter calibrate: --window must be positive, --warmup and "
+                         "--refine not negative")
     if mode == "concurrency" and any(x != int(x) for x in loads):
         raise SystemExit("llm-exporter calibrate: --concurrency: whole numbers of clients")
     try:
@@ -666,9 +716,10 @@ def cli_main(argv: Sequence[str]) -> int:
                  "requests": (f"{len(prompts)} from {args.prompts}" if args.prompts else
                               f"synthetic, ~{args.input_words} words in, {args.output_tokens} "
                               f"tokens out, ±{args.jitter:.0%}"),
-                 "sweep": f"{mode} {', '.join(f'{x:g}' for x in loads)}; {args.window:g} s "
-                          f"per step after {args.warmup:g} s warm-up"}
-        steps = asyncio.run(sweep(proxy, metrics, model, mode, loads, args, prompts))
+                 "sweep": f"{mode} {', '.join(f'{x:g}' for x in loads)}, then up to "
+                          f"{args.refine} bisection step(s); {args.window:g} s per step after "
+                          f"{args.warmup:g} s warm-up"}
+        steps = asyncio.run(sweep(proxy, metrics, model, mode, loads, args, prompts, target))
         hourly = args.gpu_hourly_cost + args.replica_hourly_cost
         cap = capacity(steps, target)
         (out / "report.md").write_text(report(steps, cap, target, out, about, hourly))
@@ -701,13 +752,15 @@ def _wait(metrics: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) ->
 
 
 async def sweep(proxy: str, metrics: str, model: str, mode: str, loads: list[float],
-                args: argparse.Namespace, prompts: list[Prompt]) -> list[Step]:
-    """Warm-up, then one step per load; Ctrl-C (or SIGTERM) ends it with the finished steps."""
+                args: argparse.Namespace, prompts: list[Prompt], target: float) -> list[Step]:
+    """Warm-up, one step per load, then up to ``args.refine`` bisection steps between the
+    capacity and the first load above it that missed the target. Ctrl-C (or SIGTERM) ends it
+    with the finished steps. Returns the steps in load order."""
     import aiohttp
 
     rng = random.Random(args.seed)
     steps: list[Step] = []
-    progress = Progress(len(loads))
+    progress = Progress(len(loads) + args.refine)
     current = asyncio.current_task()
     loop = asyncio.get_running_loop()
     stopping = False
@@ -731,21 +784,32 @@ async def sweep(proxy: str, metrics: str, model: str, mode: str, loads: list[flo
                                    0, "warm-up", t, args.warmup, n),
                                args.temperature, args.ignore_eos)
                 progress.end(f"warm-up done ({args.warmup:g} s)")
-            for i, load in enumerate(loads, 1):
-                def tick(t: float, n: int, i: int = i, load: float = load) -> None:
-                    progress.show(i, f"{load:g} {unit}", t, args.window, n)
+            todo = list(loads)
+            for i in itertools.count(1):
+                if not todo:
+                    if i > len(loads) + args.refine:
+                        break
+                    nxt = next_load(steps, target, mode)
+                    if nxt is None:
+                        break
+                    todo.append(nxt)
+                load = todo.pop(0)
+                what = f"{load:g} {unit}" + (" (bisect)" if i > len(loads) else "")
+
+                def tick(t: float, n: int, i: int = i, what: str = what) -> None:
+                    progress.show(i, what, t, args.window, n)
 
                 step = await run_step(session, proxy, metrics, model, mode, load, args.window,
                                       prompts, rng, tick, args.temperature, args.ignore_eos)
                 steps.append(step)
-                progress.end(f"step {i}/{len(loads)} {load:g} {unit}: {len(step.results)} "
+                progress.end(f"step {i}/{progress.steps} {what}: {len(step.results)} "
                              f"requests, {step.rps:.3g} req/s, attainment "
                              f"{_f(step.attainment, '.1%')}")
         except asyncio.CancelledError:
             if not stopping:
                 raise
             progress.end(f"stopped: keeping {len(steps)} finished step(s)")
-    return steps
+    return sorted(steps, key=lambda s: s.load)
 
 
 if __name__ == "__main__":

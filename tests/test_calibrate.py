@@ -1,9 +1,10 @@
 """``llm-exporter calibrate`` end to end: the real command (sidecar as a child process)
 against a synthetic server that slows with load (TTFT +70 ms per other stream in flight), so
 capacity is known in advance: with a 0.2 s TTFT objective, 3 concurrent clients meet it
-(0.16 s) and 4 do not (0.23 s). Then the test's own client holds 0.8x and 1.2x the capacity
-calibrate found, through a fresh sidecar: attainment holds at 0.8x and falls below the target
-at 1.2x."""
+(0.16 s) and 4 do not (0.23 s). The sweep steps over 3 (1, 2, 4, 6 clients): calibrate's
+bisection finds it. Then the test's own client holds 0.8x and 1.2x the capacity calibrate
+found, through a fresh sidecar: attainment holds at 0.8x and falls below the target at
+1.2x."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     out = tmp / "out"
     with upstream_process(*SLOW) as url:
         rc = calibrate.cli_main(["--upstream", url, "--slo", str(slo), "--concurrency",
-                                 "1,2,3,4,6", "--window", "3", "--warmup", "1",
+                                 "1,2,4,6", "--window", "3", "--warmup", "1",
                                  "--output-tokens", "8", "--out", str(out)])
     assert rc == 0
     m = re.search(r"\*\*Capacity: (\d+) clients\*\*", (out / "report.md").read_text())
@@ -49,6 +50,7 @@ def test_calibrate_finds_the_capacity_and_writes_report_and_values(
     out, clients = calibrated
     assert clients == 3
     report = (out / "report.md").read_text()
+    assert re.search(r"^\| 3 ◀ \|", report, re.M), report  # the bisection step, in load order
     for png in ("latency.png", "throughput.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
@@ -61,16 +63,40 @@ def test_calibrate_finds_the_capacity_and_writes_report_and_values(
 
 
 def test_capacity_is_the_last_step_before_attainment_falls() -> None:
-    def step(load: float, good: float, bad: float) -> calibrate.Step:
-        s = calibrate.Step("concurrency", load, 1.0, [calibrate.Result(True, 0.1, 0.2)])
-        s.counters = {"good": good, "bad": bad}
-        return s
-
-    steps = [step(1, 10, 0), step(2, 19, 1), step(4, 8, 2), step(8, 10, 0)]
+    steps = [_step(1, 10, 0), _step(2, 19, 1), _step(4, 8, 2), _step(8, 10, 0)]
     cap = calibrate.capacity(steps, 0.95)
     assert cap is steps[1]  # 95% at 2; 80% at 4; the recovery at 8 is not capacity
+    assert calibrate.capacity(steps[::-1], 0.95) is steps[1]  # load order, not run order
     assert calibrate.capacity(steps[2:], 0.95) is None
     assert math.isnan(calibrate.Step("rate", 1, 1).attainment)
+
+
+def _step(load: float, good: float, bad: float, sent: int | None = None,
+          mode: str = "concurrency") -> calibrate.Step:
+    n = int(good + bad) if sent is None else sent
+    s = calibrate.Step(mode, load, 1.0, [calibrate.Result(True, 0.1, 0.2)] * n)
+    s.counters = {"good": good, "bad": bad}
+    return s
+
+
+def test_a_request_not_judged_good_counts_against_the_step() -> None:
+    """Cut off at the drain (the sidecar counts it cancelled) or refused with a 429 (a 4xx,
+    not judged): the live goodput leaves them out, calibrate's attainment does not."""
+    assert calibrate.Step.attainment.fget(_step(1, 18, 0, sent=20)) == 0.9  # type: ignore
+
+
+def test_bisection_narrows_the_gap_above_the_capacity() -> None:
+    nxt = calibrate.next_load
+    assert nxt([_step(1, 10, 0), _step(2, 10, 0), _step(4, 5, 5)], 0.95, "concurrency") == 3
+    assert nxt([_step(2, 10, 0), _step(3, 5, 5)], 0.95, "concurrency") is None  # adjacent
+    assert nxt([_step(2, 10, 0), _step(4, 10, 0)], 0.95, "concurrency") is None  # none missed
+    assert nxt([_step(2, 5, 5)], 0.95, "concurrency") is None  # no capacity to start from
+    rate = [_step(2, 10, 0, mode="rate"), _step(4, 10, 0, mode="rate"),
+            _step(8, 1, 9, mode="rate")]
+    assert nxt(rate, 0.95, "rate") == 6
+    assert nxt([*rate, _step(6, 5, 5, mode="rate")], 0.95, "rate") == 5
+    assert nxt([_step(7.9, 10, 0, mode="rate"), _step(8, 1, 9, mode="rate")], 0.95,
+               "rate") is None  # within 5%
 
 
 async def _attainment(url: str, clients: int, seconds: float) -> float:
@@ -133,3 +159,15 @@ async def test_open_loop_arrivals_keep_their_schedule_and_report_what_was_sent(
                                     2.0, calibrate.synthetic(4, 4, 4, 0, 1), random.Random(3))
     assert 340 < len(sent) < 460  # ~400 arrivals in 2 s at 200/s
     assert step.sent_rps == len(sent) / 2.0
+
+
+def test_a_step_is_behind_only_beyond_poisson_noise() -> None:
+    """16 arrivals in 10 s at 2/s is Poisson luck (sd 4.5), not a load generator falling
+    behind; 150 in 10 s at 20/s is."""
+    def sent(load: float, n: int) -> calibrate.Step:
+        return calibrate.Step("rate", load, 10.0, [calibrate.Result(True)] * n)
+
+    assert not sent(2, 16).behind
+    assert sent(20, 150).behind
+    assert not sent(20, 190).behind
+    assert not calibrate.Step("concurrency", 20, 10.0, [calibrate.Result(True)]).behind
