@@ -265,39 +265,49 @@ def percentile(values: list[float], q: float) -> float:
 
 # --- the sidecar's /metrics, sampled ----------------------------------------------------------
 
-# family (as exposed) -> (key, sample filter). Gauges are sampled every second, counters diffed.
-GAUGES: dict[str, tuple[str, Callable[[dict[str, str]], bool]]] = {
-    c.ENGINE_WAITING.exposed: ("engine_waiting", lambda lab: True),
-    c.QUEUED.exposed: ("sidecar_queued", lambda lab: True),
-    c.ENGINE_KV_USAGE.exposed: ("kv_usage", lambda lab: True),
-    c.PROCESS_RSS.exposed: ("engine_rss", lambda lab: lab.get("process") == "engine"),
-    c.GPU_PROCESS_MEMORY.exposed: ("gpu_memory", lambda lab: True),
-    c.GPU_UTILIZATION.exposed: ("gpu_util", lambda lab: True),
-    c.GPU_SM_ACTIVE.exposed: ("sm_active", lambda lab: True),
+def _whole_gpu(lab: dict[str, str]) -> bool:
+    """A whole device, not one of its MIG instances (``gpu="0/1"``), which it already holds."""
+    return "/" not in lab.get(c.GPU, "")
+
+
+# family (as exposed) -> (key, sample filter, how samples combine). Gauges are sampled every
+# second, counters diffed over the step. Memory and energy add up over GPUs; utilisation is
+# the mean over them (two GPUs at 75% are 75% busy, not 150%).
+GAUGES: dict[str, tuple[str, Callable[[dict[str, str]], bool], str]] = {
+    c.ENGINE_WAITING.exposed: ("engine_waiting", lambda lab: True, "sum"),
+    c.QUEUED.exposed: ("sidecar_queued", lambda lab: True, "sum"),
+    c.ENGINE_KV_USAGE.exposed: ("kv_usage", lambda lab: True, "sum"),
+    c.PROCESS_RSS.exposed: ("engine_rss", lambda lab: lab.get("process") == "engine", "sum"),
+    c.GPU_PROCESS_MEMORY.exposed: ("gpu_memory", _whole_gpu, "sum"),
+    c.GPU_UTILIZATION.exposed: ("gpu_util", _whole_gpu, "mean"),
+    c.GPU_SM_ACTIVE.exposed: ("sm_active", _whole_gpu, "mean"),
 }
-COUNTERS: dict[str, tuple[str, Callable[[dict[str, str]], bool]]] = {
-    c.GOODPUT_REQUESTS.exposed + "/good": ("good", lambda lab: lab.get(c.RESULT) == "good"),
-    c.GOODPUT_REQUESTS.exposed + "/bad": ("bad", lambda lab: lab.get(c.RESULT) == "bad"),
-    c.GOODPUT_OUTPUT_TOKENS.exposed: ("good_tokens", lambda lab: True),
-    c.OUTPUT_TOKENS.exposed: ("output_tokens", lambda lab: True),
-    c.GPU_ENERGY.exposed: ("energy", lambda lab: True),
+COUNTERS: dict[str, tuple[str, Callable[[dict[str, str]], bool], str]] = {
+    c.GOODPUT_REQUESTS.exposed + "/good": ("good", lambda lab: lab.get(c.RESULT) == "good",
+                                            "sum"),
+    c.GOODPUT_REQUESTS.exposed + "/bad": ("bad", lambda lab: lab.get(c.RESULT) == "bad", "sum"),
+    c.GOODPUT_OUTPUT_TOKENS.exposed: ("good_tokens", lambda lab: True, "sum"),
+    c.OUTPUT_TOKENS.exposed: ("output_tokens", lambda lab: True, "sum"),
+    c.GPU_ENERGY.exposed: ("energy", _whole_gpu, "sum"),
 }
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The sums of the watched families (gauges summed over GPUs; the engine's RSS alone)."""
+    """The watched families, each combined over its samples as :data:`GAUGES` and
+    :data:`COUNTERS` say (the engine's RSS alone; whole GPUs, not their MIG instances)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
-    out: dict[str, float] = {}
+    seen: dict[str, tuple[str, list[float]]] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             for table in (GAUGES, COUNTERS):
-                for name, (key, keep) in table.items():
+                for name, (key, keep, how) in table.items():
                     if name.split("/")[0] == s.name and keep(s.labels):
-                        out[key] = out.get(key, 0.0) + s.value
-    return out
+                        seen.setdefault(key, (how, []))[1].append(s.value)
+    return {key: statistics.fmean(v) if how == "mean" else math.fsum(v)
+            for key, (how, v) in seen.items()}
 
 
 # --- the sweep ----------------------------------------------------------------------------------
@@ -345,7 +355,7 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
             await asyncio.sleep(1.0)
             with contextlib.suppress(OSError, ValueError):
                 now = await loop.run_in_executor(None, scrape, metrics)
-                for key, _ in GAUGES.values():
+                for key, *_ in GAUGES.values():
                     if key in now:
                         step.samples.setdefault(key, []).append(now[key])
             if tick is not None:
@@ -378,7 +388,7 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
     step.wall = time.perf_counter() - t0
     await asyncio.sleep(0.1)  # the sidecar records what ended a few ms after it ends
     after = await loop.run_in_executor(None, scrape, metrics)
-    for key, _ in COUNTERS.values():
+    for key, *_ in COUNTERS.values():
         if key in after:
             step.counters[key] = after[key] - before.get(key, 0.0)
     return step
@@ -495,7 +505,8 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
     lines += ["", "Latency figures are the client's (request sent to first / each content "
               "token); attainment and goodput are the sidecar's own verdicts against the "
               "objectives; engine and GPU figures are the sidecar's /metrics sampled every "
-              "second (mean, or peak where marked).", ""]
+              "second (mean, or peak where marked; GPU memory and energy add up over the "
+              "GPUs, utilisation and SM activity are their mean).", ""]
     if plots and steps:
         for name, title in _plot(steps, cap, label, out):
             lines += [f"![{title}]({name})", ""]

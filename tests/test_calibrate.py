@@ -171,3 +171,43 @@ def test_a_step_is_behind_only_beyond_poisson_noise() -> None:
     assert sent(20, 150).behind
     assert not sent(20, 190).behind
     assert not calibrate.Step("concurrency", 20, 10.0, [calibrate.Result(True)]).behind
+
+
+async def test_a_step_reads_the_gpu_figures_the_sidecar_exports() -> None:
+    """No GPU here: NVML's fake (plain data behind the collector's narrow interface) on two
+    H100s through the sidecar's real /metrics. GPU memory adds up over the devices, utilisation
+    and SM activity are their mean (not their sum), energy per token is the energy counter's
+    rise over the step's output tokens."""
+    import random
+
+    from exporter.collectors import register_collectors
+    from exporter.collectors.nvml import GPM_SM_ACTIVE, GpuProcess
+    from exporter.collectors.nvml_fake import FakeGpu, FakeNvml
+    from tests.harness import running_sidecar as sidecar_in_process
+    from tests.upstream import Script, SyntheticUpstream
+
+    gib = 2**30
+    gpus = [FakeGpu(uuid=f"GPU-{i}", utilization=(u, 10.0), gpm={GPM_SM_ACTIVE: sm},
+                    processes=[GpuProcess(4242, mem * gib)], energy_mj=1e6)
+            for i, (u, sm, mem) in enumerate(((80.0, 40.0, 3), (60.0, 20.0, 5)))]
+    async with SyntheticUpstream(Script(ttft=0.002, itl=0.001, tokens=4)) as up, \
+            sidecar_in_process(up.url, slo_ttft=0.5) as sc, aiohttp.ClientSession() as s:
+        register_collectors(sc.registry, sc.sidecar.settings, sc.sidecar.state,
+                            nvml=FakeNvml(gpus))
+        await asyncio.to_thread(sc.scrape)  # GPM figures need a previous sample
+
+        async def burn() -> None:  # 3 J on each device while the step runs
+            await asyncio.sleep(0.5)
+            for g in gpus:
+                g.energy_mj = (g.energy_mj or 0) + 3000
+
+        burner = asyncio.create_task(burn())
+        step = await calibrate.run_step(s, sc.url, sc.metrics_url, "m", "concurrency", 1, 2.5,
+                                        calibrate.synthetic(4, 4, 4, 0, 1), random.Random(1))
+        await burner
+    tokens = step.counters["output_tokens"]
+    assert tokens == sum(r.output_tokens for r in step.ok()) > 0
+    assert step.peak("gpu_memory") == 8 * gib
+    assert step.mean("gpu_util") == pytest.approx(0.70)
+    assert step.mean("sm_active") == pytest.approx(0.30)
+    assert step.joules_per_token == pytest.approx(6.0 / tokens)
