@@ -164,7 +164,8 @@ GOODPUT_REQUESTS = MetricSpec(
     "Requests judged against every latency objective of their model at once (TTFT, TPOT, "
     "e2e, those that apply: TTFT to streams, TPOT to two tokens or more): good = succeeded "
     "and met all of them; bad = failed (5xx, error, no response) or missed one; cancelled = "
-    "the client went away (neither). 4xx answers are not judged.", (MODEL, RESULT))
+    "the client went away (neither). 4xx answers are not judged, but a 429 (refused for "
+    "load) is bad.", (MODEL, RESULT))
 GOODPUT_OUTPUT_TOKENS = MetricSpec(
     PREFIX + "goodput_output_tokens", Kind.COUNTER,
     "Output tokens of good requests (llm_exporter_goodput_requests_total{result=\"good\"}): "

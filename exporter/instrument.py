@@ -244,7 +244,7 @@ class Instrumentation(Hooks):
         self.metrics.record(Outcome(
             model, ex.operation, ex.protocol.name, ex.stream, labels.status_class(ex.status),
             finish, iv, input_tokens, output_tokens, input_source, output_source, trace_id,
-            ex.inputs))
+            ex.inputs, ex.status))
         if ex.span is not None and self.tracer.recording:
             self._end_span(ex, r, iv, input_tokens, output_tokens, output_source, finish)
 

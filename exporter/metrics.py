@@ -87,6 +87,7 @@ class Outcome:
     output_source: str
     trace_id: str | None
     inputs: int | None = None  # batch size of a pooling request
+    status: int | None = None  # the HTTP status (never a label: status_class is)
 
 
 class SloLoad:
@@ -266,7 +267,9 @@ class SidecarMetrics:
         if not ok:
             if o.finish_reason == "cancelled":
                 child(self.goodput, o.model, "cancelled").inc()
-            elif o.status_class != "4xx":  # the client's error: not the service's to judge
+            elif o.status_class != "4xx" or o.status == 429:
+                # a 4xx is the client's error, not the service's to judge; a 429 is the
+                # service refusing for load: not served, so not goodput
                 child(self.goodput, o.model, "bad").inc()
             return
         for metric, value in ((self.ttft, iv.ttft), (self.tpot, iv.tpot),

@@ -1,6 +1,7 @@
 """Goodput counters on the synthetic upstream, with programmed latencies straddling each
 objective: a request is good only when it succeeded and met every objective of its model at
-once (good on TTFT but bad on TPOT is bad); cancelled requests are neither; 4xx not judged."""
+once (good on TTFT but bad on TPOT is bad); cancelled requests are neither; 4xx not judged,
+except a 429 (the server refusing for load), which is bad."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CASES: dict[str, tuple[Script, str]] = {
     "5xx": (Script(status=500), "bad"),
     "cut off": (Script(ttft=0.02, itl=0.005, tokens=20, cut_after=3), "bad"),
     "4xx": (Script(status=404), "none"),
+    "429, refused for load": (Script(status=429), "bad"),
 }
 
 
