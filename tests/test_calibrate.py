@@ -211,3 +211,17 @@ async def test_a_step_reads_the_gpu_figures_the_sidecar_exports() -> None:
     assert step.mean("gpu_util") == pytest.approx(0.70)
     assert step.mean("sm_active") == pytest.approx(0.30)
     assert step.joules_per_token == pytest.approx(6.0 / tokens)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--window", "0"], "--window must be positive"),
+    (["--refine", "-1"], "--refine not negative"),
+    (["--rate", "1,x"], "--rate: expected numbers"),
+    (["--rate", "1", "--concurrency", "2"], "not both"),
+    (["--concurrency", "1.5"], "whole numbers"),
+])
+def test_bad_arguments_are_refused_before_anything_starts(
+        argv: list[str], message: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=message):
+        calibrate.cli_main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
