@@ -332,9 +332,15 @@ class Progress:
 
 
 async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str, load: float,
-                   window: float, prompts: list[Prompt], rng: random.Random,
+                   window: float, prompts: list[Prompt], seed: int,
                    tick: Callable[[float, int], None] | None = None,
                    temperature: float = 0.7, ignore_eos: bool = False) -> Step:
+    # Common random numbers: every step with the same seed draws the same prompts in the same
+    # order and, open loop, the same arrival pattern stretched to its rate (exponential gaps
+    # divided by the load), so two steps differ by their load and not by their luck: a burst
+    # that sinks one step sinks the next one too, and attainment falls with load instead of
+    # jumping between windows.
+    pick, gaps = random.Random(seed), random.Random(seed + 1)
     step = Step(mode, load, window)
     loop = asyncio.get_running_loop()
     before = await loop.run_in_executor(None, scrape, metrics)
@@ -343,7 +349,7 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
     tasks: set[asyncio.Task[None]] = set()
 
     async def one() -> None:
-        step.results.append(await request(session, proxy, model, rng.choice(prompts),
+        step.results.append(await request(session, proxy, model, pick.choice(prompts),
                                           temperature, ignore_eos))
 
     async def closed_client() -> None:
@@ -369,13 +375,13 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
         # Arrival times drawn ahead and kept to (absolute deadlines): a client that falls
         # behind sends the late ones at once instead of slipping the whole schedule, and the
         # report shows the rate actually sent next to the rate offered.
-        at = t0 + rng.expovariate(load)
+        at = t0 + gaps.expovariate(load)
         while at < end:
             delay = at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.add(asyncio.create_task(one()))
-            at += rng.expovariate(load)
+            at += gaps.expovariate(load)
     _, pending = await asyncio.wait(tasks, timeout=window + DRAIN_SECONDS) if tasks \
         else (set(), set())
     for t in pending:
@@ -639,7 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ignore-eos", action="store_true",
                    help="Ask the server to generate max_tokens whatever the model says "
                         "(\"ignore_eos\": true; vLLM, SGLang and the embedded engine honour it).")
-    w.add_argument("--seed", type=int, default=1)
+    w.add_argument("--seed", type=int, default=1,
+                   help="Seed of the prompt order and the arrival pattern. Every step uses "
+                        "the same ones (common random numbers): steps differ by their load, "
+                        "not by their luck. Change it to repeat a sweep with other draws.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="Writes DIR/report.md, its PNG plots and DIR/values.yaml.")
     return p
@@ -769,7 +778,6 @@ async def sweep(proxy: str, metrics: str, model: str, mode: str, loads: list[flo
     with the finished steps. Returns the steps in load order."""
     import aiohttp
 
-    rng = random.Random(args.seed)
     steps: list[Step] = []
     progress = Progress(len(loads) + args.refine)
     current = asyncio.current_task()
@@ -791,7 +799,7 @@ async def sweep(proxy: str, metrics: str, model: str, mode: str, loads: list[flo
         try:
             if args.warmup > 0:
                 await run_step(session, proxy, metrics, model, mode, loads[0], args.warmup,
-                               prompts, rng, lambda t, n: progress.show(
+                               prompts, args.seed + 2, lambda t, n: progress.show(
                                    0, "warm-up", t, args.warmup, n),
                                args.temperature, args.ignore_eos)
                 progress.end(f"warm-up done ({args.warmup:g} s)")
@@ -811,7 +819,8 @@ async def sweep(proxy: str, metrics: str, model: str, mode: str, loads: list[flo
                     progress.show(i, what, t, args.window, n)
 
                 step = await run_step(session, proxy, metrics, model, mode, load, args.window,
-                                      prompts, rng, tick, args.temperature, args.ignore_eos)
+                                      prompts, args.seed, tick, args.temperature,
+                                      args.ignore_eos)
                 steps.append(step)
                 progress.end(f"step {i}/{progress.steps} {what}: {len(step.results)} "
                              f"requests, {step.rps:.3g} req/s, attainment "

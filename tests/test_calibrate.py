@@ -143,8 +143,6 @@ async def test_open_loop_arrivals_keep_their_schedule_and_report_what_was_sent(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Poisson arrivals are kept to absolute times: the rate sent matches the rate offered
     (a client that falls behind catches up instead of slipping the schedule)."""
-    import random
-
     sent: list[float] = []
 
     async def fake_request(*args: object) -> calibrate.Result:
@@ -156,7 +154,7 @@ async def test_open_loop_arrivals_keep_their_schedule_and_report_what_was_sent(
     monkeypatch.setattr(calibrate, "request", fake_request)
     monkeypatch.setattr(calibrate, "scrape", lambda url: {})
     step = await calibrate.run_step(None, "http://x", "http://x/metrics", "m", "rate", 200.0,
-                                    2.0, calibrate.synthetic(4, 4, 4, 0, 1), random.Random(3))
+                                    2.0, calibrate.synthetic(4, 4, 4, 0, 1), 3)
     assert 340 < len(sent) < 460  # ~400 arrivals in 2 s at 200/s
     assert step.sent_rps == len(sent) / 2.0
 
@@ -178,8 +176,6 @@ async def test_a_step_reads_the_gpu_figures_the_sidecar_exports() -> None:
     H100s through the sidecar's real /metrics. GPU memory adds up over the devices, utilisation
     and SM activity are their mean (not their sum), energy per token is the energy counter's
     rise over the step's output tokens."""
-    import random
-
     from exporter.collectors import register_collectors
     from exporter.collectors.nvml import GPM_SM_ACTIVE, GpuProcess
     from exporter.collectors.nvml_fake import FakeGpu, FakeNvml
@@ -203,7 +199,7 @@ async def test_a_step_reads_the_gpu_figures_the_sidecar_exports() -> None:
 
         burner = asyncio.create_task(burn())
         step = await calibrate.run_step(s, sc.url, sc.metrics_url, "m", "concurrency", 1, 2.5,
-                                        calibrate.synthetic(4, 4, 4, 0, 1), random.Random(1))
+                                        calibrate.synthetic(4, 4, 4, 0, 1), 1)
         await burner
     tokens = step.counters["output_tokens"]
     assert tokens == sum(r.output_tokens for r in step.ok()) > 0
@@ -225,3 +221,31 @@ def test_bad_arguments_are_refused_before_anything_starts(
     with pytest.raises(SystemExit, match=message):
         calibrate.cli_main([*argv, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+async def test_steps_share_their_random_numbers_so_they_differ_by_load_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Common random numbers: at twice the rate, the same prompts in the same order at half
+    the offsets (the same bursts, compressed), so a step is not luckier than its neighbour."""
+    calls: list[tuple[float, int]] = []
+    prompts = calibrate.synthetic(64, 4, 4, 0.5, 1)
+
+    async def fake_request(session: object, url: str, model: str,
+                           prompt: calibrate.Prompt, *args: object) -> calibrate.Result:
+        calls.append((asyncio.get_running_loop().time(), prompts.index(prompt)))
+        return calibrate.Result(True, 0.01, 0.02, [], 1)
+
+    monkeypatch.setattr(calibrate, "request", fake_request)
+    monkeypatch.setattr(calibrate, "scrape", lambda url: {})
+    runs = []
+    for rate in (20.0, 40.0):
+        calls.clear()
+        t0 = asyncio.get_running_loop().time()
+        await calibrate.run_step(None, "http://x", "http://x/metrics", "m", "rate", rate, 1.5,
+                                 prompts, 7)
+        runs.append([(t - t0, i) for t, i in calls])
+    slow, fast = runs
+    n = min(len(slow), len(fast))
+    assert n > 20
+    assert [i for _, i in fast[:n]] == [i for _, i in slow[:n]]
+    assert max(abs(f - s / 2) for (f, _), (s, _) in zip(fast[:n], slow[:n], strict=True)) < 0.01
