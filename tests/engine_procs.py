@@ -80,6 +80,19 @@ VLLM_PY = VLLM_VENV / "bin" / "python"
 VLLM_ABSENT = not any(VLLM_VENV.glob(".synced-vllm-*"))  # scripts/venv-lib.sh's stamp
 
 
+def vllm_group(timeout: int) -> list[pytest.MarkDecorator]:
+    """The marks of a vLLM test module (``pytestmark``): the ``vllm`` group, a per-test timeout
+    (the server's start included), skipped without ``.venv-vllm``. Under CI=true its absence
+    is an error: CI's `make test` installs it first, so absent there means setup broke (or its
+    stamp was renamed), and a silent skip would hide the whole group."""
+    if VLLM_ABSENT and os.environ.get("CI") == "true":
+        raise RuntimeError(".venv-vllm has no sync stamp in CI: scripts/setup-vllm.sh did not "
+                           "finish, or venv-lib.sh's stamp naming changed")
+    return [pytest.mark.vllm, pytest.mark.timeout(timeout),
+            pytest.mark.skipif(VLLM_ABSENT, reason=".venv-vllm absent: run "
+                               "scripts/setup-vllm.sh (make test-vllm)")]
+
+
 def generation_argv(model_dir: Path, max_num_seqs: int) -> list[str]:
     """vLLM serving the tiny model (after the Python executable, without host and port).
     -O0: no torch.compile (saves ~50 s of start-up; the figures compared don't care)."""

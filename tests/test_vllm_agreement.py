@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,20 +33,9 @@ import aiohttp
 import pytest
 
 from exporter import catalogue
-from tests.engine_procs import VLLM_ABSENT, generation_argv, scrape, vllm_stack
+from tests.engine_procs import generation_argv, scrape, vllm_group, vllm_stack
 
-if VLLM_ABSENT and os.environ.get("CI") == "true":
-    # CI's `make test` installs it first: absent there means setup broke (or its stamp was
-    # renamed), and a silent skip would hide the whole vLLM group.
-    raise RuntimeError(".venv-vllm has no sync stamp in CI: scripts/setup-vllm.sh did not "
-                       "finish, or venv-lib.sh's stamp naming changed")
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.timeout(420),
-    pytest.mark.skipif(VLLM_ABSENT,
-                       reason=".venv-vllm absent: run scripts/setup-vllm.sh (make test-vllm)"),
-]
+pytestmark = vllm_group(timeout=420)  # per test, the server start included
 
 N_REQUESTS = 16
 CONCURRENCY = 8

@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import http.client
 import json
-import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -36,19 +35,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalogue
-from tests.engine_procs import VLLM_ABSENT, generation_argv, get, vllm_stack
+from tests.engine_procs import generation_argv, get, vllm_group, vllm_stack
 from tests.pooling_model import build_tiny_embedding_model, vllm_args
 
-if VLLM_ABSENT and os.environ.get("CI") == "true":
-    raise RuntimeError(".venv-vllm has no sync stamp in CI: scripts/setup-vllm.sh did not "
-                       "finish, or venv-lib.sh's stamp naming changed")
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.timeout(420),  # per test, the server start of its class included
-    pytest.mark.skipif(VLLM_ABSENT,
-                       reason=".venv-vllm absent: run scripts/setup-vllm.sh (make test-vllm)"),
-]
+pytestmark = vllm_group(timeout=420)  # per test, the server start included
 
 N_STREAM = 4
 N_WHOLE = 2
