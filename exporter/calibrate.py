@@ -9,8 +9,9 @@ upstream is given. Then:
 2. a sweep of load steps, each held for ``--window`` seconds: ``--concurrency 1,2,4,8``
    (closed loop: that many clients, each sending its next request when the last one ended) or
    ``--rate 0.5,1,2`` (open loop: Poisson arrivals at that many requests/s, as in MLPerf's
-   server scenario); requests from a synthetic length mix (``--input-words``,
-   ``--output-tokens``, ``--jitter``) or a JSONL file of the user's own (``--prompts``);
+   server scenario, the same draws at every step: :func:`arrivals`); requests from a
+   synthetic length mix (``--input-words``, ``--output-tokens``, ``--jitter``) or a JSONL
+   file of the user's own (``--prompts``);
 3. per step, from the client: TTFT, TPOT, ITL and e2e percentiles, requests/s and output
    tokens/s of the requests that started in the window; from the sidecar's /metrics, sampled
    every second: goodput and attainment (its own good/bad verdicts against the SLO file), the
@@ -54,6 +55,7 @@ DEFAULT_TARGET = 0.95
 # Requests still running when a step's window closes get this long to finish (they count for
 # the step they started in); beyond it they are cut off and counted as failed.
 DRAIN_SECONDS = 60.0
+LATE = 0.05  # seconds behind its schedule an open-loop arrival may be sent
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
          "tall", "ships", "sail", "past", "old", "harbour", "lights", "toward", "distant",
          "islands", "under", "pale", "morning", "sky")
@@ -173,6 +175,7 @@ class Step:
     results: list[Result] = field(default_factory=list)
     samples: dict[str, list[float]] = field(default_factory=dict)  # sidecar /metrics, per s
     counters: dict[str, float] = field(default_factory=dict)  # deltas over the step
+    lags: list[float] = field(default_factory=list)  # open loop: sent minus scheduled, s
     wall: float = 0.0
 
     # client-side figures
@@ -197,11 +200,9 @@ class Step:
 
     @property
     def behind(self) -> bool:
-        """Open loop: fewer requests sent than Poisson arrivals at the offered rate would
-        plausibly give (3 standard deviations under the expected count, and 10% under it)."""
-        expected = self.load * self.window
-        return (self.mode == "rate" and
-                len(self.results) < min(0.9 * expected, expected - 3 * math.sqrt(expected)))
+        """Open loop: the load generator kept one arrival in ten more than ``LATE`` seconds
+        behind its schedule, so the step offered burstier, later load than its label."""
+        return percentile(self.lags, 0.9) > LATE
 
     @property
     def rps(self) -> float:
@@ -331,16 +332,28 @@ class Progress:
         print(("\r" if self.tty else "") + text + " " * 20, file=sys.stderr, flush=True)
 
 
+def arrivals(load: float, window: float, prompts: list[Prompt], seed: int
+             ) -> list[tuple[float, Prompt]]:
+    """An open-loop step's requests: ``round(load x window)`` arrivals at uniform random
+    offsets in the window, each with its prompt, in time order. That is a Poisson process
+    conditioned on its count (MLPerf's server scenario, sending exactly the rate offered).
+
+    Common random numbers: the same seed gives the same draws in the same order, so a step at
+    a higher load holds every arrival of a step at a lower one (same offset, same prompt) plus
+    its own. Two steps differ by their load, not by their luck: a burst that sinks one step
+    is in the next one too, and attainment falls with load instead of jumping between
+    windows."""
+    rng = random.Random(seed)
+    draws = [(rng.uniform(0.0, window), rng.choice(prompts))
+             for _ in range(round(load * window))]
+    return sorted(draws, key=lambda d: d[0])
+
+
 async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str, load: float,
                    window: float, prompts: list[Prompt], seed: int,
                    tick: Callable[[float, int], None] | None = None,
                    temperature: float = 0.7, ignore_eos: bool = False) -> Step:
-    # Common random numbers: every step with the same seed draws the same prompts in the same
-    # order and, open loop, the same arrival pattern stretched to its rate (exponential gaps
-    # divided by the load), so two steps differ by their load and not by their luck: a burst
-    # that sinks one step sinks the next one too, and attainment falls with load instead of
-    # jumping between windows.
-    pick, gaps = random.Random(seed), random.Random(seed + 1)
+    pick = random.Random(seed)  # closed loop: the same prompt order at every step
     step = Step(mode, load, window)
     loop = asyncio.get_running_loop()
     before = await loop.run_in_executor(None, scrape, metrics)
@@ -348,13 +361,13 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
     end = t0 + window
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one() -> None:
-        step.results.append(await request(session, proxy, model, pick.choice(prompts),
-                                          temperature, ignore_eos))
+    async def one(prompt: Prompt) -> None:
+        step.results.append(await request(session, proxy, model, prompt, temperature,
+                                          ignore_eos))
 
     async def closed_client() -> None:
         while time.perf_counter() < end:
-            await one()
+            await one(pick.choice(prompts))
 
     async def sample() -> None:
         while time.perf_counter() < end:
@@ -372,16 +385,14 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
         for _ in range(int(load)):
             tasks.add(asyncio.create_task(closed_client()))
     else:
-        # Arrival times drawn ahead and kept to (absolute deadlines): a client that falls
-        # behind sends the late ones at once instead of slipping the whole schedule, and the
-        # report shows the rate actually sent next to the rate offered.
-        at = t0 + gaps.expovariate(load)
-        while at < end:
-            delay = at - time.perf_counter()
+        # Kept to absolute times: a client that falls behind sends the late ones at once
+        # instead of slipping the whole schedule (the report shows what was sent).
+        for offset, prompt in arrivals(load, window, prompts, seed):
+            delay = t0 + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.add(asyncio.create_task(one()))
-            at += gaps.expovariate(load)
+            tasks.add(asyncio.create_task(one(prompt)))
+            step.lags.append(max(0.0, time.perf_counter() - t0 - offset))
     _, pending = await asyncio.wait(tasks, timeout=window + DRAIN_SECONDS) if tasks \
         else (set(), set())
     for t in pending:
@@ -504,10 +515,10 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
                   f"verdict is noise-prone. Lengthen `--window` until each step holds at least "
                   f"{few}."]
     if steps and steps[0].mode == "rate" and any(s.behind for s in steps):
-        lines += ["", "**Note**: at some steps fewer requests were sent than offered (sent req/s "
-                  "below the offered rate): the load generator fell behind (a busy machine, or "
-                  "too many requests in flight for one client process). Those steps measure "
-                  "less load than their label."]
+        lines += ["", f"**Note**: at some steps the load generator sent one request in ten "
+                  f"more than {LATE * 1000:.0f} ms behind its schedule (a busy machine, or too "
+                  "many requests in flight for one client process): those steps offered a "
+                  "later, burstier load than their label."]
     lines += ["", "Latency figures are the client's (request sent to first / each content "
               "token); attainment and goodput are the sidecar's own verdicts against the "
               "objectives; engine and GPU figures are the sidecar's /metrics sampled every "
@@ -646,9 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ask the server to generate max_tokens whatever the model says "
                         "(\"ignore_eos\": true; vLLM, SGLang and the embedded engine honour it).")
     w.add_argument("--seed", type=int, default=1,
-                   help="Seed of the prompt order and the arrival pattern. Every step uses "
-                        "the same ones (common random numbers): steps differ by their load, "
-                        "not by their luck. Change it to repeat a sweep with other draws.")
+                   help="Seed of the prompts and arrival times. Every step draws the same "
+                        "ones (common random numbers: a faster step holds every arrival of a "
+                        "slower one), so steps differ by their load, not by their luck. "
+                        "Change it to repeat a sweep with other draws.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="Writes DIR/report.md, its PNG plots and DIR/values.yaml.")
     return p
