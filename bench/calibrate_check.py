@@ -205,7 +205,7 @@ def _num(text: str) -> float:
 def parse_report(md: str) -> dict[str, Any]:
     """calibrate's report.md: the capacity (offered rate) and, per step, the figures used here
     (latencies in ms, attainment as a fraction); columns found by their headers."""
-    m = re.search(r"\*\*Capacity: ([0-9.e+-]+) ", md)
+    m = re.search(r"\*\*Capacity: (?:at least )?([0-9.e+-]+) ", md)
     lines = md.splitlines()
     head = next(ln for ln in lines if ln.startswith("| requests/s offered |"))
     col = {h.strip(): k for k, h in enumerate(head.strip("|").split("|"))}

@@ -422,6 +422,12 @@ def capacity(steps: Sequence[Step], target: float) -> Step | None:
     return best
 
 
+def knee_found(steps: Sequence[Step], cap: Step) -> bool:
+    """Whether a load above the capacity missed the target (else the capacity is only a lower
+    bound: the sweep stopped short of the knee)."""
+    return any(s.load > cap.load for s in steps)
+
+
 def next_load(steps: Sequence[Step], target: float, mode: str) -> float | None:
     """The load that halves the gap between the capacity and the first load above it that
     missed the target (bisection), or None when there is nothing left to narrow: no capacity,
@@ -477,7 +483,12 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
     lines = ["# Calibration report", ""]
     lines += [f"- {k}: {v}" for k, v in about.items()]
     lines += [f"- attainment target: {target:.2%} of requests good on every objective", ""]
-    if cap is not None:
+    if cap is not None and not knee_found(steps, cap):
+        lines += [f"**Capacity: at least {cap.load:g} {label}** — {cap.rps:.3g} requests/s, "
+                  f"{cap.tps:.3g} output tokens/s at {cap.attainment:.1%} attainment, the "
+                  "highest load of the sweep: no step missed the target, so the knee lies "
+                  "above it. Add higher loads; `values.yaml` holds this lower bound.", ""]
+    elif cap is not None:
         lines += [f"**Capacity: {cap.load:g} {label}** — {cap.rps:.3g} requests/s, "
                   f"{cap.tps:.3g} output tokens/s at {cap.attainment:.1%} attainment. "
                   "See `values.yaml` for the chart.", ""]
@@ -755,8 +766,12 @@ def cli_main(argv: Sequence[str]) -> int:
         hourly = args.gpu_hourly_cost + args.replica_hourly_cost
         cap = capacity(steps, target)
         (out / "report.md").write_text(report(steps, cap, target, out, about, hourly))
+        bound = cap is not None and not knee_found(steps, cap)
+        if bound:
+            about["capacity"] = "a lower bound: no step of the sweep missed the target"
         write_values(chart_values(cap, target, args.headroom), about, out)
         print(f"calibrate: {len(steps)} step(s); capacity "
+              f"{'at least ' if bound else ''}"
               f"{f'{cap.load:g} ({cap.rps:.3g} requests/s)' if cap else 'not found'}; "
               f"wrote {out / 'report.md'} and {out / 'values.yaml'}", file=sys.stderr)
         return 0 if steps else 1

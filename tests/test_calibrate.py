@@ -235,3 +235,15 @@ def test_steps_share_their_random_numbers_so_they_differ_by_load_alone() -> None
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(fast)]
     assert statistics.fmean(gaps) == pytest.approx(10.0 / 400, rel=0.1)
     assert statistics.pstdev(gaps) == pytest.approx(10.0 / 400, rel=0.2)
+
+
+def test_a_sweep_that_never_missed_says_its_capacity_is_a_lower_bound(tmp_path: Path) -> None:
+    passed = [_step(1, 10, 0, mode="rate"), _step(2, 20, 0, mode="rate")]
+    cap = calibrate.capacity(passed, 0.95)
+    assert cap is passed[1] and not calibrate.knee_found(passed, cap)
+    text = calibrate.report(passed, cap, 0.95, tmp_path, {}, 0.0, plots=False)
+    assert "**Capacity: at least 2 requests/s offered**" in text
+    missed = [*passed, _step(3, 5, 5, mode="rate")]
+    assert calibrate.knee_found(missed, cap)
+    text = calibrate.report(missed, cap, 0.95, tmp_path, {}, 0.0, plots=False)
+    assert "**Capacity: 2 requests/s offered**" in text
