@@ -443,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="vLLM's benchmark sends rate x this many prompts.")
     p.add_argument("--bench-rate", type=float, default=0,
                    help="Rate compared (default: the sweep's step nearest below capacity).")
+    p.add_argument("--bench-repeats", type=int, default=1,
+                   help="Runs of vLLM's benchmark, each with the next seed (its Poisson "
+                        "draw): how far tail percentiles move between draws.")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--skip-holds", action="store_true", help="Skip the holds.")
     p.add_argument("--skip-bench", action="store_true", help="Skip vLLM's benchmark.")
@@ -506,13 +509,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.server == "vllm" and not args.skip_bench:
             rate = args.bench_rate or max([r for r in sweep["rows"] if r <= cap])
             n = max(1, round(rate * args.bench_seconds))
-            vb = vllm_bench(port, Path(model), prompts, rate, n, args.output_tokens,
-                            args.ttft_ms, args.tpot_ms, work, args.seed)
-            table = compare(sweep["rows"][rate], vb, rate)
-            block = [f"## calibrate vs vLLM's serving benchmark at {rate:g} req/s ({n} prompts,"
-                     f" {vb['duration']:.1f} s) — {vb['wall_s']:.0f} s", "", table, ""]
-            out += block
-            print("\n".join(block), flush=True)
+            for k in range(args.bench_repeats):  # other seeds: other Poisson draws
+                vb = vllm_bench(port, Path(model), prompts, rate, n, args.output_tokens,
+                                args.ttft_ms, args.tpot_ms, work, args.seed + k)
+                table = compare(sweep["rows"][rate], vb, rate)
+                block = [f"## calibrate vs vLLM's serving benchmark at {rate:g} req/s ({n} "
+                         f"prompts, seed {args.seed + k}, {vb['duration']:.1f} s) — "
+                         f"{vb['wall_s']:.0f} s", "", table, ""]
+                out += block
+                print("\n".join(block), flush=True)
         stop(server)
     finally:
         for proc in list(PROCS):
