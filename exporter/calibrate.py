@@ -393,8 +393,8 @@ async def run_step(session: Any, proxy: str, metrics: str, model: str, mode: str
                 await asyncio.sleep(delay)
             tasks.add(asyncio.create_task(one(prompt)))
             step.lags.append(max(0.0, time.perf_counter() - t0 - offset))
-    _, pending = await asyncio.wait(tasks, timeout=window + DRAIN_SECONDS) if tasks \
-        else (set(), set())
+    drain = max(0.0, end + DRAIN_SECONDS - time.perf_counter())  # from the window's end
+    _, pending = await asyncio.wait(tasks, timeout=drain) if tasks else (set(), set())
     for t in pending:
         t.cancel()
         step.results.append(Result(False))
