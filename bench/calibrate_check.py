@@ -226,6 +226,7 @@ def parse_report(md: str) -> dict[str, Any]:
                       "attainment": _num(cells[col["attainment"]]) / 100,
                       "goodput": _num(cells[col["goodput req/s"]]), "line": ln}
     return {"capacity": float(m.group(1)) if m else None, "rows": rows,
+            "lower_bound": "**Capacity: at least " in md,
             "table": "\n".join(ln for ln in lines if ln.startswith("|"))}
 
 
@@ -489,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         cap = sweep["capacity"]
         out += [f"## Sweep: calibrate --rate {args.rates} --refine {args.refine}, "
                 f"{args.window:g} s steps ({sweep['wall_s']:.0f} s)", "", sweep["table"], "",
-                f"**Capacity: {cap} requests/s offered**", ""]
+                f"**Capacity: {'at least ' if sweep['lower_bound'] else ''}{cap} requests/s "
+                "offered**", ""]
         print("\n".join(out[-6:]), flush=True)
         if cap is None:
             raise SystemExit("no capacity found: lower --rates or relax the objectives")
