@@ -769,6 +769,9 @@ def cli_main(argv: Sequence[str]) -> int:
         bound = cap is not None and not knee_found(steps, cap)
         if bound:
             about["capacity"] = "a lower bound: no step of the sweep missed the target"
+        if mode == "concurrency" and cap is not None:
+            about["arrivals"] = ("closed loop: the same rate arriving in Poisson bursts queues "
+                                 "more; calibrate with --rate for the autoscaler's figure")
         write_values(chart_values(cap, target, args.headroom), about, out)
         print(f"calibrate: {len(steps)} step(s); capacity "
               f"{'at least ' if bound else ''}"

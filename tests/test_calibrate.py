@@ -56,6 +56,7 @@ def test_calibrate_finds_the_capacity_and_writes_report_and_values(
     for png in ("latency.png", "throughput.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+    assert "calibrate with --rate for the autoscaler's figure" in (out / "values.yaml").read_text()
     values = yaml.safe_load((out / "values.yaml").read_text())
     assert values["autoscaling"] == {"metric": "capacity", "target": 0.8}
     rps = values["sidecar"]["capacity"]["requestsPerSecond"]
