@@ -30,6 +30,7 @@ from prometheus_client.metrics_core import Metric
 
 from exporter import labels
 from exporter.instrument import Instrumentation
+from exporter.looplag import LoopLag
 from exporter.metrics import FlagSlos, SidecarMetrics, SloPolicy
 from exporter.otlp_receiver import EngineSpanStore, build_receiver_app
 from exporter.proxy import Proxy
@@ -326,6 +327,7 @@ class Sidecar:
             settings.engine_span_wait)
         self.proxy = Proxy(settings, self.instrumentation, self.state, clock=clock)
         self._probe = UpstreamProbe(settings.upstream)
+        self.loop_lag = LoopLag(self.metrics.loop_lag.observe, clock)
         self._started = False
         self._runners: list[web.BaseRunner] = []
         self._metrics_server: MetricsServer | None = None
@@ -395,10 +397,12 @@ class Sidecar:
             await self.stop()
             raise SettingsError(f"cannot listen on {s.metrics_host}:{s.metrics_port} "
                                 f"(--metrics-port): {e.strerror}") from e
+        self.loop_lag.start()
         self._started = True
 
     async def stop(self) -> None:
         self._started = False
+        await self.loop_lag.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

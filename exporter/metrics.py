@@ -184,6 +184,7 @@ class SidecarMetrics:
         self.input_per_request = hist(c.INPUT_TOKENS_PER_REQUEST)
         self.output_per_request = hist(c.OUTPUT_TOKENS_PER_REQUEST)
         self.inputs = hist(c.REQUEST_INPUTS)
+        self.loop_lag = hist(c.EVENT_LOOP_LAG)  # observed by exporter.looplag
         self.unmatched = Counter(c.UNMATCHED_REQUESTS.name, c.UNMATCHED_REQUESTS.help,
                                  c.UNMATCHED_REQUESTS.labels, registry=registry)
         self.unmatched_duration = hist(c.UNMATCHED_DURATION)

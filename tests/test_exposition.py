@@ -53,6 +53,7 @@ SIDECAR_NAMES = {
     "llm_exporter_capacity_requests_per_second",
     "llm_exporter_capacity_load_ratio",
     "llm_exporter_slo_threshold_seconds",
+    "llm_exporter_event_loop_lag_seconds",
     "llm_exporter_build_info",
 }
 

@@ -73,12 +73,18 @@ def build() -> dict[str, Any]:
     )
     b.row("Sidecar").add(
         timeseries("In flight per replica", "Requests being relayed.", "short",
-                   Q(pq.gauge(c.IN_FLIGHT, by=by_pod), POD)),
+                   Q(pq.gauge(c.IN_FLIGHT, by=by_pod), POD), w=6),
         timeseries("Queued per replica", "Requests waiting for a concurrency slot "
-                   "(--max-concurrency).", "short", Q(pq.gauge(c.QUEUED, by=by_pod), POD)),
+                   "(--max-concurrency).", "short", Q(pq.gauge(c.QUEUED, by=by_pod), POD),
+                   w=6),
         timeseries("Sidecar errors/s", "Errors by type: upstream_connect, upstream_timeout, "
                    "upstream_protocol, client_disconnect, queue_full, instrumentation.", "short",
                    Q(pq.rate(c.ERRORS, by=(c.ERROR_TYPE,)), f"{{{{{c.ERROR_TYPE}}}}}"),
-                   stack=True),
+                   stack=True, w=6),
+        timeseries("Sidecar event-loop lag p99", "How late the sidecar's loop runs (p99 per "
+                   "replica): requests and chunks may wait this long in the kernel before the "
+                   "sidecar reads them, and its latencies read low by up to this much. Over "
+                   "a few ms: give the sidecar more CPU.", "s",
+                   Q(pq.quantile(0.99, c.EVENT_LOOP_LAG, by=by_pod), POD), w=6),
     )
     return b.to_dict()
