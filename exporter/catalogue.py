@@ -185,7 +185,7 @@ SLO_THRESHOLD = MetricSpec(
     "The configured SLO thresholds, so dashboards can draw them.", (SLO,))
 # How late the sidecar's own event loop runs: a request's bytes wait in the kernel until the
 # loop reads them, and its clock starts at that read.
-LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.25, 1.0)
 EVENT_LOOP_LAG = MetricSpec(
     PREFIX + "event_loop_lag_seconds", Kind.HISTOGRAM,
     "How late the sidecar's event loop ran a timer due every 20 ms: the wait any request or "

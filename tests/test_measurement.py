@@ -193,22 +193,21 @@ async def _agree_with_16_clients(sc: Running, s: aiohttp.ClientSession, script: 
 
 async def test_event_loop_lag_is_exported_when_the_sidecar_stalls() -> None:
     """A stall of the sidecar's loop (here 120 ms of blocking work) is what its figures cannot
-    see (a request's bytes wait in the kernel): it shows in the lag histogram, and a loop that
-    keeps time does not fill the top buckets."""
+    see (a request's bytes wait in the kernel): it lands in the lag histogram's top buckets."""
     lag = "llm_exporter_event_loop_lag_seconds"
     async with SyntheticUpstream(Script()) as up, running_sidecar(up.url) as sc:
+
+        def over_50ms() -> float:
+            return sc.value(lag + "_bucket", {"le": "+Inf"}) - sc.value(
+                lag + "_bucket", {"le": "0.05"})
+
         await asyncio.sleep(0.2)
-        quiet = sc.value(lag + "_count")
-        assert quiet >= 5  # a 20 ms timer over 200 ms
-        assert sc.value(lag + "_bucket", {"le": "+Inf"}) - sc.value(
-            lag + "_bucket", {"le": "0.1"}) == 0
+        assert sc.value(lag + "_count") >= 5  # a 20 ms timer over 200 ms
+        before, total = over_50ms(), sc.value(lag + "_sum")
         time.sleep(0.12)  # blocking work on the loop, as a CPU-starved sidecar has
         await asyncio.sleep(0.05)
-        assert sc.value(lag + "_bucket", {"le": "+Inf"}) - sc.value(
-            lag + "_bucket", {"le": "0.1"}) == 1
-        assert sc.value(lag + "_sum") >= 0.1
-    async with SyntheticUpstream(Script()) as up, running_sidecar(up.url) as sc:
-        pass
+        assert over_50ms() == before + 1
+        assert sc.value(lag + "_sum") - total >= 0.1
     assert sc.sidecar.loop_lag._task is None  # stopped with the sidecar
 
 
