@@ -185,13 +185,13 @@ SLO_THRESHOLD = MetricSpec(
     "The configured SLO thresholds, so dashboards can draw them.", (SLO,))
 # How late the sidecar's own event loop runs: a request's bytes wait in the kernel until the
 # loop reads them, and its clock starts at that read.
-LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.25, 1.0)
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0)
 EVENT_LOOP_LAG = MetricSpec(
     PREFIX + "event_loop_lag_seconds", Kind.HISTOGRAM,
-    "How late the sidecar's event loop ran a timer due every 20 ms: the wait any request or "
-    "chunk may have had in the kernel before the sidecar read it, which its figures start "
-    "after. A high p99 means the sidecar is short of CPU and its latencies read low by up to "
-    "this much.", (), LOOP_LAG_BUCKETS)
+    "How late the sidecar's event loop ran a timer due every 100 ms: the wait a request or "
+    "chunk arriving at a random moment has in the kernel before the sidecar reads it, which "
+    "its figures start after. A high p99 means the sidecar is short of CPU and its latencies "
+    "read low by up to this much.", (), LOOP_LAG_BUCKETS)
 BUILD_INFO = MetricSpec(
     PREFIX + "build", Kind.INFO, "Version of the exporter and the upstream it fronts.",
     ("version", ENGINE))

@@ -3,8 +3,13 @@
 The sidecar stamps a request's arrival when its loop reads the request's bytes; while the loop
 is busy (a burst of requests on a small CPU, a stolen vCPU) the bytes wait in the kernel and
 that wait is in no figure. This is the measure of it, exported beside the figures it bounds
-(``llm_exporter_event_loop_lag_seconds``), as Node.js exporters export theirs. One sleep-wake
-every 20 ms: tens of microseconds of CPU a second.
+(``llm_exporter_event_loop_lag_seconds``), as Node.js exporters export theirs.
+
+A timer falls due at moments unrelated to the traffic, so its lateness is a sample of how long
+an event arriving at a random moment waits for the loop: the interval sets how many samples
+(10 a second, 3,000 in a 5-minute p99), not what they estimate. Each wake costs a few
+microseconds on bare metal and ~250 us on a 2-vCPU microVM (measured), so 10 a second is
+0.25% of a core there; 50 a second was 1.2%.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-INTERVAL = 0.02
+INTERVAL = 0.1
 
 
 class LoopLag:
