@@ -16,6 +16,7 @@ reserved for recording rules) are defined here once and imported by the dashboar
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -70,6 +71,7 @@ EXPORTER_DOWN = "LLMExporterDown"
 GPU_COLLECTOR_DOWN = "LLMExporterGPUCollectorDown"
 UPSTREAM_UNREACHABLE = "LLMUpstreamUnreachable"
 SATURATION_HIGH = "LLMSaturationHigh"
+LOOP_LAG_HIGH = "LLMExporterEventLoopLagHigh"
 _TITLE = {"ttft": "TTFT", "tpot": "TPOT", "e2e": "E2E", "availability": "Availability",
           "goodput": "Goodput"}
 _WHAT = {"ttft": "time to first token", "tpot": "time per output token",
@@ -85,7 +87,8 @@ def burn_alert_name(slo: str) -> str:
 
 def alert_names(cfg: SloConfig) -> tuple[str, ...]:
     burn = sorted({burn_alert_name(o.name) for o in cfg.objectives})
-    return (*burn, EXPORTER_DOWN, GPU_COLLECTOR_DOWN, UPSTREAM_UNREACHABLE, SATURATION_HIGH)
+    return (*burn, EXPORTER_DOWN, GPU_COLLECTOR_DOWN, UPSTREAM_UNREACHABLE, SATURATION_HIGH,
+            LOOP_LAG_HIGH)
 
 
 # --- PromQL helpers ------------------------------------------------------------------------------
@@ -282,6 +285,21 @@ def _infra_alerts(cfg: SloConfig) -> list[dict[str, Any]]:
                  '{{ $value | printf "%.2f" }}; 1 = the engine queue or KV cache is at its '
                  "configured limit). Latency SLOs suffer next: add replicas."),
              "runbook_url": _runbook(cfg, SATURATION_HIGH)}},
+        {"alert": LOOP_LAG_HIGH,
+         # Per sidecar: the histogram has no labels of its own, so no aggregation is needed.
+         "expr": (f"histogram_quantile(0.99, rate({c.EVENT_LOOP_LAG.name}_bucket{_sel(sel)}"
+                  f"[{RATE_WINDOW}])) > {_num(a.loop_lag_threshold)}\n"),
+         "for": a.loop_lag_for,
+         "labels": {"severity": a.severity},
+         "annotations": {
+             "summary": "llm-exporter {{ $labels.instance }} is short of CPU",
+             "description": (
+                 "The p99 event-loop lag of the sidecar {{ $labels.instance }} has been above "
+                 f"{_num(a.loop_lag_threshold)} s for {a.loop_lag_for} (now "
+                 '{{ $value | printf "%.3f" }} s). Requests and chunks wait that long in the '
+                 "kernel before the sidecar reads them: its latencies read low by up to that "
+                 "much, and it delays what it relays."),
+             "runbook_url": _runbook(cfg, LOOP_LAG_HIGH)}},
     ]
 
 
@@ -377,7 +395,8 @@ def _eval_at(seconds: float) -> float:
 def _render(template: str, labels: dict[str, str], value: float | None = None) -> str:
     out = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), template)
     if value is not None:
-        out = out.replace('{{ $value | printf "%.2f" }}', f"{value:.2f}")
+        out = re.sub(r'\{\{ \$value \| printf "%\.(\d)f" \}\}',
+                     lambda m: f"{value:.{m.group(1)}f}", out)
     if "{{" in out:
         raise ValueError(f"cannot predict the rendering of {template!r}")
     return out
@@ -546,6 +565,21 @@ def _infra_tests(cfg: SloConfig, base: dict[str, str]) -> Iterator[dict[str, Any
                [(c.SATURATION.exposed, target, f"{_num(over)}xN")], target, over)
     yield case("quiet at the threshold", SATURATION_HIGH,
                [(c.SATURATION.exposed, target, f"{_num(t)}xN")], None)
+    # Event-loop lag: every observation in the bucket just above the threshold (p99 = 99% of
+    # the way up it; above the top finite bucket, histogram_quantile says that bucket), or all
+    # in the lowest bucket. The SLO file keeps the threshold below the top bucket.
+    lag = cfg.alerts.loop_lag_threshold
+    bounds = (*c.EVENT_LOOP_LAG.buckets, math.inf)
+    lo = min(b for b in bounds if b >= lag)
+    hi = bounds[bounds.index(lo) + 1]
+    les = [_num(b) if b < math.inf else "+Inf" for b in bounds]
+    name = c.EVENT_LOOP_LAG.name + "_bucket"
+    slow = [(name, {**target, "le": le}, "0+10xN" if b >= hi else "0xN")
+            for le, b in zip(les, bounds, strict=True)]
+    yield case("fires when its p99 is over the threshold", LOOP_LAG_HIGH, slow, target,
+               lo + (hi - lo) * 0.99 if hi < math.inf else lo)
+    yield case("quiet while the loop keeps time", LOOP_LAG_HIGH,
+               [(name, {**target, "le": le}, "0+10xN") for le in les], None)
 
 
 def unit_tests(cfg: SloConfig, rule_file: str = RULES_FILE) -> dict[str, Any] | None:

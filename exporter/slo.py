@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from exporter.catalogue import LOOP_LAG_BUCKETS
+
 LATENCY_SLOS = ("ttft", "tpot", "e2e")
 # goodput: the share of requests that succeeded and met every latency objective of their model
 # at once (llm_exporter_goodput_requests_total); like availability, no threshold of its own.
@@ -104,6 +106,10 @@ class Alerts:
     upstream_rate_window: str = "5m"
     saturation_threshold: float = 0.9
     saturation_for: str = "15m"
+    # p99 of the sidecar's event-loop lag (seconds): above it the sidecar is short of CPU and
+    # its latencies read low by up to that much. Below the lag histogram's top bucket (1 s).
+    loop_lag_threshold: float = 0.025
+    loop_lag_for: str = "15m"
     severity: str = "warning"  # severity label of these alerts (exporter down: page)
     exporter_down_severity: str = "page"
 
@@ -322,6 +328,9 @@ def _alerts(raw: Any, where: str) -> Alerts:
             values[key] = _number(m[key], f"{where}: {key}")
             if values[key] <= 0:
                 raise SloError(f"{where}: {key}: must be positive, got {values[key]:g}")
+            if key == "loop_lag_threshold" and values[key] >= LOOP_LAG_BUCKETS[-1]:
+                raise SloError(f"{where}: {key}: must be below {LOOP_LAG_BUCKETS[-1]:g} s (the "
+                               f"lag histogram's top bucket), got {values[key]:g}")
         else:
             values[key] = _label_value(m[key], f"{where}: {key}")
     return Alerts(**values)

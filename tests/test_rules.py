@@ -115,7 +115,7 @@ objectives:
 burn_rates:
   - {severity: critical, factor: 8, long: 30m, short: 5m}
   - {severity: warning, factor: 2, long: 2h, short: 10m, for: 5m}
-alerts: {saturation_threshold: 1.2, saturation_for: 5m, severity: info}
+alerts: {saturation_threshold: 1.2, saturation_for: 5m, severity: info, loop_lag_threshold: 0.3}
 """
 
 
@@ -207,7 +207,7 @@ def test_every_alert_has_firing_and_quiet_cases() -> None:
                     bucket[key] = bucket.get(key, 0) + 1
     every = {(r["alert"], r["labels"]["severity"]) for r in _rules(_generated(), "alert")}
     assert {a for a, _ in every} == set(rules.alert_names(cfg))
-    assert len(rules.alert_names(cfg)) == 9
+    assert len(rules.alert_names(cfg)) == 10
     assert set(fired) == every, every - set(fired)
     assert set(quiet) == every, every - set(quiet)
 

@@ -114,6 +114,8 @@ OK = {"slo": "ttft", "threshold_seconds": 0.5, "target": 0.99}
      "1.44 >= 1: this alert could never fire"),
     ({"alerts": {"saturation_treshold": 1}}, "alerts: unknown key(s) 'saturation_treshold'"),
     ({"alerts": {"saturation_threshold": 0}}, "alerts: saturation_threshold: must be positive"),
+    ({"alerts": {"loop_lag_threshold": 1}}, "alerts: loop_lag_threshold: must be below 1 s (the "
+     "lag histogram's top bucket), got 1"),
     ({"alerts": {"exporter_down_for": "five minutes"}},
      "alerts: exporter_down_for: not a Prometheus duration"),
 ])
