@@ -473,6 +473,14 @@ def chart_values(cap: Step | None, target: float, headroom: float) -> dict[str, 
 
 # --- the report -------------------------------------------------------------------------------
 
+CLOSED_LOOP_SHORT = ("a closed-loop capacity: calibrate with --rate for the requests/s an "
+                     "autoscaler should hold")
+CLOSED_LOOP = ("A closed loop: each client sent its next request when its last one ended, so "
+               "the requests/s above arrived evenly paced by the server itself. Users arrive at "
+               "random (Poisson bursts), and the same rate arriving that way queues more: the "
+               "requests/s a replica carries within the objectives is lower. For the "
+               "autoscaler's figure, calibrate with `--rate`.")
+
 def _f(x: float, fmt: str = ".0f", scale: float = 1.0) -> str:
     return "—" if x is None or math.isnan(x) else format(x * scale, fmt)
 
@@ -495,6 +503,8 @@ def report(steps: Sequence[Step], cap: Step | None, target: float, out: Path,
     else:
         lines += ["**Capacity: not found** — attainment was below the target at the lowest "
                   "load: lower the load or relax the objectives.", ""]
+    if cap is not None and cap.mode == "concurrency":
+        lines += [CLOSED_LOOP, ""]
     lines += [f"| {label} | requests (failed) | sent req/s | req/s | out tok/s | "
               "TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 ms | ITL p50 / p99 ms | "
               "e2e p50 / p99 s | attainment | "
@@ -769,14 +779,16 @@ def cli_main(argv: Sequence[str]) -> int:
         bound = cap is not None and not knee_found(steps, cap)
         if bound:
             about["capacity"] = "a lower bound: no step of the sweep missed the target"
-        if mode == "concurrency" and cap is not None:
+        closed = mode == "concurrency" and cap is not None
+        if closed:
             about["arrivals"] = ("closed loop: the same rate arriving in Poisson bursts queues "
                                  "more; calibrate with --rate for the autoscaler's figure")
         write_values(chart_values(cap, target, args.headroom), about, out)
         print(f"calibrate: {len(steps)} step(s); capacity "
               f"{'at least ' if bound else ''}"
               f"{f'{cap.load:g} ({cap.rps:.3g} requests/s)' if cap else 'not found'}; "
-              f"wrote {out / 'report.md'} and {out / 'values.yaml'}", file=sys.stderr)
+              f"wrote {out / 'report.md'} and {out / 'values.yaml'}"
+              f"{'; ' + CLOSED_LOOP_SHORT if closed else ''}", file=sys.stderr)
         return 0 if steps else 1
     finally:
         if sidecar is not None and sidecar.poll() is None:

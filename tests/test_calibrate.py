@@ -53,6 +53,7 @@ def test_calibrate_finds_the_capacity_and_writes_report_and_values(
     assert clients == 3
     report = (out / "report.md").read_text()
     assert re.search(r"^\| 3 ◀ \|", report, re.M), report  # the bisection step, in load order
+    assert calibrate.CLOSED_LOOP in report
     for png in ("latency.png", "throughput.png", "memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
@@ -248,3 +249,11 @@ def test_a_sweep_that_never_missed_says_its_capacity_is_a_lower_bound(tmp_path: 
     assert calibrate.knee_found(missed, cap)
     text = calibrate.report(missed, cap, 0.95, tmp_path, {}, 0.0, plots=False)
     assert "**Capacity: 2 requests/s offered**" in text
+    assert calibrate.CLOSED_LOOP not in text  # open loop: the rate is the autoscaler's
+
+
+def test_a_closed_loop_capacity_says_to_calibrate_by_rate(tmp_path: Path) -> None:
+    steps = [_step(1, 10, 0), _step(2, 10, 0), _step(4, 5, 5)]
+    cap = calibrate.capacity(steps, 0.95)
+    text = calibrate.report(steps, cap, 0.95, tmp_path, {}, 0.0, plots=False)
+    assert "**Capacity: 2 clients**" in text and calibrate.CLOSED_LOOP in text
