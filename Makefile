@@ -24,7 +24,7 @@ serve:
 test: setup
 	bash scripts/setup-vllm.sh
 	bash scripts/setup-grafana.sh
-	$(PYTEST) -q -ra tests
+	$(PYTEST) -q -ra --durations=15 tests
 
 # Without the third-party engine groups (quick local loop).
 test-fast: setup
