@@ -191,6 +191,36 @@ async def _agree_with_16_clients(sc: Running, s: aiohttp.ClientSession, script: 
         assert by_trace[view["trace_id"]].output_tokens == 24
 
 
+async def test_a_request_waiting_for_its_handler_counts_that_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrival is when the sidecar read the request's bytes, not when its handler started:
+    60 ms of other work on the loop between the two (a burst of requests) is in the TTFT and
+    e2e. (The 16-stream test widens its bound by the loop's measured lateness, so this is the
+    test that holds the stamp at the read.)"""
+    from exporter import app
+
+    read = app._StampingHandler.data_received
+
+    def busy_after_the_read(self: app._StampingHandler, data: bytes) -> None:
+        read(self, data)
+        if b"POST " in data:
+            time.sleep(0.06)  # the handler starts only after this
+
+    monkeypatch.setattr(app._StampingHandler, "data_received", busy_after_the_read)
+    script = Script(ttft=0.05, itl=0.01, tokens=4)
+    async with SyntheticUpstream(script) as up, running_sidecar(up.url) as sc, \
+            aiohttp.ClientSession() as s:
+        seen = spy(sc)
+        for _ in range(2):  # the first one is the usage probe
+            view = await stream_once(s, sc.url, body())
+        sc.recorded()
+        iv = seen[-1].intervals
+        client_ttft = view["chunks"][0] - view["t0"]
+        assert iv.ttft == pytest.approx(client_ttft, abs=5 * MS)
+        assert iv.ttft >= script.ttft + 0.06
+        assert iv.e2e == pytest.approx(view["end"] - view["t0"], abs=5 * MS)
+
+
 async def test_event_loop_lag_is_exported_when_the_sidecar_stalls() -> None:
     """A stall of the sidecar's loop (here 250 ms of blocking work) is what its figures cannot
     see (a request's bytes wait in the kernel): it lands in the lag histogram's top buckets.
