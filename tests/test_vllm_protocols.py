@@ -35,7 +35,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import catalogue
-from tests.engine_procs import generation_argv, get, vllm_group, vllm_stack
+from tests.engine_procs import get, vllm_group, vllm_stack
 from tests.pooling_model import build_tiny_embedding_model, vllm_args
 
 pytestmark = vllm_group(timeout=420)  # per test, the server start included
@@ -239,16 +239,15 @@ APIS = {
 
 
 @pytest.fixture(scope="class")
-def generation(tiny_model_dir: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    logs = tmp_path_factory.mktemp("logs-generation")
-    with vllm_stack(generation_argv(Path(tiny_model_dir), 2), logs, START_DEADLINE) as s:
-        # One request per route straight to vLLM (outside the figures): the first
-        # chat-template render and tokenization of each route are slow.
-        for api in APIS.values():
-            r = post(s["vllm"], api.path, api.body(0, False), headers=api.headers)
-            assert r.status == 200, r.body
-        yield s
+def generation(vllm_generation: dict[str, str]) -> dict[str, str]:
+    """The session's vLLM + sidecar (tests/conftest.py; each test compares deltas)."""
+    s = vllm_generation
+    # One request per route straight to vLLM (outside the figures): the first chat-template
+    # render and tokenization of each route are slow.
+    for api in APIS.values():
+        r = post(s["vllm"], api.path, api.body(0, False), headers=api.headers)
+        assert r.status == 200, r.body
+    return s
 
 
 class TestGeneration:
