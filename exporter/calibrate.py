@@ -473,13 +473,14 @@ def chart_values(cap: Step | None, target: float, headroom: float) -> dict[str, 
 
 # --- the report -------------------------------------------------------------------------------
 
-CLOSED_LOOP_SHORT = ("a closed-loop capacity: calibrate with --rate for the requests/s an "
-                     "autoscaler should hold")
+CLOSED_LOOP_SHORT = ("closed loop: the same rate arriving in Poisson bursts queues more; "
+                     "calibrate with --rate for the autoscaler's figure")
 CLOSED_LOOP = ("A closed loop: each client sent its next request when its last one ended, so "
                "the requests/s above arrived evenly paced by the server itself. Users arrive at "
                "random (Poisson bursts), and the same rate arriving that way queues more: the "
                "requests/s a replica carries within the objectives is lower. For the "
                "autoscaler's figure, calibrate with `--rate`.")
+
 
 def _f(x: float, fmt: str = ".0f", scale: float = 1.0) -> str:
     return "—" if x is None or math.isnan(x) else format(x * scale, fmt)
@@ -781,8 +782,7 @@ def cli_main(argv: Sequence[str]) -> int:
             about["capacity"] = "a lower bound: no step of the sweep missed the target"
         closed = mode == "concurrency" and cap is not None
         if closed:
-            about["arrivals"] = ("closed loop: the same rate arriving in Poisson bursts queues "
-                                 "more; calibrate with --rate for the autoscaler's figure")
+            about["arrivals"] = CLOSED_LOOP_SHORT
         write_values(chart_values(cap, target, args.headroom), about, out)
         print(f"calibrate: {len(steps)} step(s); capacity "
               f"{'at least ' if bound else ''}"
