@@ -19,9 +19,9 @@ import pytest
 
 from exporter.metrics import Outcome
 from exporter.proxy import Exchange
-from tests import harness, streamclient
+from tests import harness
 from tests.harness import Running, running_sidecar
-from tests.streamclient import lateness
+from tests.streamclient import lateness, ticker
 from tests.upstream import Script, SyntheticUpstream, clock, upstream_process
 
 CHAT = "/v1/chat/completions"
@@ -150,7 +150,7 @@ async def _agree_with_16_clients(sc: Running, s: aiohttp.ClientSession, script: 
     seen.clear()
     exchanges.clear()
     sidecar_stalls: list[list[float]] = []
-    watch = asyncio.ensure_future(streamclient.ticker(sidecar_stalls))
+    watch = asyncio.ensure_future(ticker(sidecar_stalls))
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.streamclient", sc.url + CHAT, "--streams", "16",
         "--spread", str(script.itl), stdout=asyncio.subprocess.PIPE, cwd=ROOT,

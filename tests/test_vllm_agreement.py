@@ -94,12 +94,16 @@ def warm_up(vllm: str) -> None:
         assert r.status == 200
 
 
+def delta(after: dict[str, tuple[float, float]], before: dict[str, tuple[float, float]],
+          family: str) -> tuple[float, float]:
+    """A family's (count, sum) over this test's requests: the server is shared."""
+    (c1, s1), (c0, s0) = after.get(family, (0.0, 0.0)), before.get(family, (0.0, 0.0))
+    return c1 - c0, s1 - s0
+
+
 def test_phase_histograms_agree_with_vllm(stack: dict[str, str]) -> None:
     warm_up(stack["vllm"])
     before, side_before = scrape(stack["vllm_metrics"]), scrape(stack["metrics"])
-
-    def ours(family: str, i: int) -> float:  # the sidecar's delta over this test's requests
-        return scrape_side[family][i] - side_before.get(family, (0.0, 0.0))[i]
     t0 = time.monotonic()
     tokens = asyncio.run(drive(stack["proxy"]))
     load_s = time.monotonic() - t0
@@ -109,9 +113,9 @@ def test_phase_histograms_agree_with_vllm(stack: dict[str, str]) -> None:
     source = catalogue.PHASE_SOURCE.name
     deadline = time.monotonic() + 30
     while True:
-        scrape_side = scrape(stack["metrics"])
+        side = scrape(stack["metrics"])
         # engine_queue, prefill and decode per request
-        if ours(source, 1) >= 3 * N_REQUESTS or time.monotonic() > deadline:
+        if delta(side, side_before, source)[1] >= 3 * N_REQUESTS or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     after = scrape(stack["vllm_metrics"])
@@ -121,9 +125,7 @@ def test_phase_histograms_agree_with_vllm(stack: dict[str, str]) -> None:
               f"max-num-seqs {MAX_NUM_SEQS}"]
     got: dict[str, tuple[float, float, float, float]] = {}
     for phase, (family, theirs) in PAIRS.items():
-        oc, osum = ours(family, 0), ours(family, 1)
-        vc = after[theirs][0] - before.get(theirs, (0.0, 0.0))[0]
-        vsum = after[theirs][1] - before.get(theirs, (0.0, 0.0))[1]
+        (oc, osum), (vc, vsum) = delta(side, side_before, family), delta(after, before, theirs)
         got[phase] = (oc, osum, vc, vsum)
         report.append(f"{phase:>12}: sidecar n={oc:.0f} sum={osum:.6f}  vLLM n={vc:.0f} "
                       f"sum={vsum:.6f}  diff={osum - vsum:+.3e} s")
@@ -138,8 +140,8 @@ def test_phase_histograms_agree_with_vllm(stack: dict[str, str]) -> None:
             assert abs(osum - vsum) <= SPAN_SUM_TOLERANCE, report
     # Most requests really waited in vLLM's queue (2 running at a time, 8 sent at once).
     assert got["engine_queue"][3] > 0.05 * N_REQUESTS, report
-    assert ours(source, 1) == 3 * N_REQUESTS, report  # every phase of every request: span
-    out_tokens = ours(catalogue.OUTPUT_TOKENS.name, 1)
-    vllm_tokens = (after["vllm:generation_tokens"][1]
-                   - before.get("vllm:generation_tokens", (0.0, 0.0))[1])
+    # every phase of every request from the span
+    assert delta(side, side_before, source)[1] == 3 * N_REQUESTS, report
+    out_tokens = delta(side, side_before, catalogue.OUTPUT_TOKENS.name)[1]
+    vllm_tokens = delta(after, before, "vllm:generation_tokens")[1]
     assert out_tokens == vllm_tokens == N_REQUESTS * MAX_TOKENS
